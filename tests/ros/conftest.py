@@ -1,0 +1,137 @@
+"""Helpers for tests with real ROS 2 nodes: start the installed executables of this workspace in their own
+processes, talk to them from the test process over Fast DDS, and stop them cleanly.
+
+Every test here refuses to run unless DDS discovery is limited to this host and the process sits in a
+network namespace with nothing but loopback (scripts/run_tests.sh arranges both): no packet may leave.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "ros2_ws" / "install"
+
+
+def _network_interfaces() -> list[str]:
+    return sorted(os.listdir("/sys/class/net"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_only() -> None:
+    if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        pytest.fail("ROS tests need ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST: run them via scripts/run_tests.sh")
+    interfaces = _network_interfaces()
+    if interfaces != ["lo"]:
+        pytest.fail(
+            f"ROS tests must run in a network namespace with only loopback (found {interfaces}): "
+            "run them via scripts/run_tests.sh (unshare -n)"
+        )
+
+
+def installed_executable(package: str, executable: str) -> Path:
+    path = INSTALL / package / "lib" / package / executable
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run scripts/setup.sh (colcon build) first")
+    return path
+
+
+class NodeProcess:
+    """An installed node running in a child process, with its output captured to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]):
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """start_node(package, executable, params={...} | params_file=Path, node_name=..., args=[...])"""
+    started: list[NodeProcess] = []
+
+    def start(
+        package: str,
+        executable: str,
+        *,
+        node_name: str | None = None,
+        params: dict | None = None,
+        params_file: Path | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> NodeProcess:
+        argv = [str(installed_executable(package, executable)), "--ros-args"]
+        if params is not None:
+            key = node_name or executable
+            params_file = tmp_path / f"{key}_params.yaml"
+            params_file.write_text(yaml.safe_dump({key: {"ros__parameters": params}}))
+        if params_file is not None:
+            argv += ["--params-file", str(params_file)]
+        if node_name is not None:
+            argv += ["-r", f"__node:={node_name}"]
+        argv += args or []
+        node = NodeProcess(argv, tmp_path / f"{executable}_{len(started)}.log", {**os.environ, **(env or {})})
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def ros_node(request) -> Iterator:
+    """An rclpy node in the test process, on its own context (so tests don't share graph state)."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node(f"test_{request.node.name[:40]}".replace("[", "_").replace("]", "_").replace("-", "_"),
+                             context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    node.executor_for_test = executor
+    yield node
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def spin_until(node, predicate: Callable[[], bool], timeout: float, process: NodeProcess | None = None) -> bool:
+    """Spin the test node until predicate() is true; stop early (False) if the node process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node.executor_for_test.spin_once(timeout_sec=0.05)
+        if predicate():
+            return True
+        if process is not None and not process.alive():
+            return False
+    return predicate()
