@@ -11,3 +11,14 @@ for _name, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_lrm(tmp_path_factory):
+    """A tiny Qwen3-VL + progress/contrastive/completion LoRA adapters, built once per session, offline."""
+    from lrm_reward.core.tiny_model import build_tiny_lrm
+
+    return build_tiny_lrm(tmp_path_factory.mktemp("tiny_lrm"), seed=0)

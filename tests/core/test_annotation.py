@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from lrm_reward.core.annotation import BAR_FILL, MARGIN, RewardOverlay, annotate_frame
 
 
@@ -30,7 +29,9 @@ def test_small_frames_are_upscaled_and_kept_whole():
 
 def test_progress_bar_follows_progress():
     img = frame(480, 640)
-    fractions = [bar_fill_fraction(annotate_frame(img, RewardOverlay(task="t", progress=p)), 480) for p in (0.2, 0.7)]
+    fractions = [
+        bar_fill_fraction(annotate_frame(img, RewardOverlay(task="t", progress=p)), 480) for p in (0.2, 0.7)
+    ]
     assert fractions[0] == pytest.approx(0.2, abs=0.02)
     assert fractions[1] == pytest.approx(0.7, abs=0.02)
     assert bar_fill_fraction(annotate_frame(img, RewardOverlay(task="t")), 480) == 0.0  # NaN: not asked

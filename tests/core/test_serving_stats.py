@@ -3,7 +3,6 @@
 import threading
 
 import pytest
-
 from lrm_reward.core.serving_stats import FaultCounter, LatencyWindow, RateWindow
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,8 @@ INSTALL = REPO / "ros2_ws" / "install"
 
 
 def _network_interfaces() -> list[str]:
-    return sorted(os.listdir("/sys/class/net"))
+    # if_nameindex asks the kernel about this process's namespace; /sys/class/net may show the host's.
+    return sorted(name for _, name in socket.if_nameindex())
 
 
 @pytest.fixture(autouse=True, scope="session")

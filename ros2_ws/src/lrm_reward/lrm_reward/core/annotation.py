@@ -92,7 +92,7 @@ def annotate_frame(rgb: np.ndarray, overlay: RewardOverlay, min_width: int = 480
     cv2.rectangle(panel, (x0, y0), (x1, y1), BAR_EMPTY, thickness=-1)
     progress = overlay.progress
     if not math.isnan(progress):
-        fill = x0 + int(round((x1 - x0) * min(max(progress, 0.0), 1.0)))
+        fill = x0 + round((x1 - x0) * min(max(progress, 0.0), 1.0))
         if fill > x0:
             cv2.rectangle(panel, (x0, y0), (fill, y1), BAR_FILL, thickness=-1)
     cv2.putText(panel, f"progress {_fmt(progress)}", (x0 + 4, y1 - 4), FONT, FONT_SCALE, TEXT, 1, cv2.LINE_AA)
@@ -100,10 +100,14 @@ def annotate_frame(rgb: np.ndarray, overlay: RewardOverlay, min_width: int = 480
     # Status lines: completion state and reward; held/scored, latency, episode and frame.
     y = y1 + MARGIN + LINE_HEIGHT - 4
     state = "DONE" if overlay.completed else "not done"
-    cv2.putText(panel, state, (MARGIN, y), FONT, FONT_SCALE, DONE if overlay.completed else NOT_DONE, 1, cv2.LINE_AA)
+    cv2.putText(
+        panel, state, (MARGIN, y), FONT, FONT_SCALE, DONE if overlay.completed else NOT_DONE, 1, cv2.LINE_AA
+    )
     (state_w, _), _ = cv2.getTextSize(state, FONT, FONT_SCALE, 1)
     status = f"  p(done) {_fmt(overlay.completion_prob)}   reward {_fmt(overlay.reward)}"
-    cv2.putText(panel, _fit(status, width - state_w), (MARGIN + state_w, y), FONT, FONT_SCALE, TEXT, 1, cv2.LINE_AA)
+    cv2.putText(
+        panel, _fit(status, width - state_w), (MARGIN + state_w, y), FONT, FONT_SCALE, TEXT, 1, cv2.LINE_AA
+    )
     y += LINE_HEIGHT
     timing = (
         f"{'held' if overlay.held else 'scored'}   model {overlay.latency_s * 1000:.0f} ms   "
@@ -112,7 +116,16 @@ def annotate_frame(rgb: np.ndarray, overlay: RewardOverlay, min_width: int = 480
     cv2.putText(panel, _fit(timing, width), (MARGIN, y), FONT, FONT_SCALE, DIM, 1, cv2.LINE_AA)
 
     y += LINE_HEIGHT
-    cv2.putText(panel, _fit(f"task: {_ascii(overlay.task)}", width), (MARGIN, y), FONT, FONT_SCALE, TEXT, 1, cv2.LINE_AA)
+    cv2.putText(
+        panel,
+        _fit(f"task: {_ascii(overlay.task)}", width),
+        (MARGIN, y),
+        FONT,
+        FONT_SCALE,
+        TEXT,
+        1,
+        cv2.LINE_AA,
+    )
     for line in reasoning_lines:
         y += LINE_HEIGHT
         cv2.putText(panel, line, (MARGIN, y), FONT, FONT_SCALE, DIM, 1, cv2.LINE_AA)

@@ -9,12 +9,9 @@ streams go to the model in one batch. Not a queue: nothing older than the newest
 from __future__ import annotations
 
 import threading
-from typing import Generic, TypeVar
-
-T = TypeVar("T")
 
 
-class LatestFrameSlots(Generic[T]):
+class LatestFrameSlots[T]:
     def __init__(self) -> None:
         self._slots: dict[str, T] = {}
         self._cond = threading.Condition()
@@ -35,6 +32,11 @@ class LatestFrameSlots(Generic[T]):
                 self._cond.wait(timeout_s)
             taken, self._slots = self._slots, {}
             return taken
+
+    def take(self, stream: str) -> T | None:
+        """Take one stream's pending frame, if any, without waiting."""
+        with self._cond:
+            return self._slots.pop(stream, None)
 
     def drain(self) -> dict[str, T]:
         """Take every pending frame without waiting (on shutdown, to answer them)."""

@@ -65,7 +65,7 @@ You are given:
 - Goal Standard: <image>
 - Current observation: <image>
 
-Question: Based on the task description, Compare the Current Observation with the Goal Standard and estimate the completion progress as a value between 0.0 and 1.0.
+Question: Compare the Current Observation with the Goal Standard and estimate the completion progress as a value between 0.0 and 1.0.
 Select one value from the following list:
 [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 

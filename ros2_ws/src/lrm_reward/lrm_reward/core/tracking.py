@@ -104,7 +104,9 @@ class TrackerConfig:
 
     def _validated_weights(self, weights: dict[str, float]) -> dict[str, float]:
         if not isinstance(weights, dict):
-            raise ValueError(f"weights must be a dict of modality name -> weight, got {type(weights).__name__}")
+            raise ValueError(
+                f"weights must be a dict of modality name -> weight, got {type(weights).__name__}"
+            )
         clean: dict[str, float] = {}
         for key, weight in weights.items():
             try:
@@ -240,6 +242,16 @@ class EpisodeTracker:
             self.task = _validated_task(task)
         self.episode_id += 1
         self._clear_episode()
+
+    def set_config(self, cfg: TrackerConfig) -> None:
+        """Switch to a new (already validated) config mid-episode, e.g. after a parameter change.
+
+        The episode's frames and values stay; the interval restarts, so the next frame is queried.
+        """
+        self.cfg = cfg
+        self._weights = cfg.fusion_weights()
+        self._schedule = IntervalHold(cfg.interval_frames, cfg.interval_s)
+        self._values = {m: v for m, v in self._values.items() if m in cfg.modalities}
 
     def _clear_episode(self) -> None:
         self.frame_index = 0
@@ -465,7 +477,7 @@ def score_frames(
 def _score_guarded(engine: ScoringEngine, queries: list[Query]) -> list[Answer]:
     try:
         answers = list(engine.score(queries))
-    except Exception as exc:  # noqa: BLE001 -- any engine failure must not lose the batch's frames
+    except Exception as exc:  # any engine failure must not lose the batch's frames
         reason = f"{ENGINE_ERROR_PREFIX}{type(exc).__name__}: {exc}"
         return [Answer(q.modality, None, parsed=False, error=reason) for q in queries]
     if len(answers) != len(queries):

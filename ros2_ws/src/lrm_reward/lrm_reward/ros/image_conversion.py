@@ -87,9 +87,9 @@ def image_msg_to_rgb(msg: Any) -> np.ndarray:
     rows = data[: step * height].reshape(height, step)[:, :row_bytes]
 
     if depth == 2:
-        order = ">" if msg.is_bigendian else "<"
-        mono = np.ascontiguousarray(rows).view(np.dtype(order + "u2")).reshape(height, width)
-        return to_rgb_uint8(mono)
+        # Shown as 8-bit by keeping each pixel's high byte (value >> 8), read straight from the buffer.
+        high_byte = rows[:, 0::2] if msg.is_bigendian else rows[:, 1::2]
+        return cv2.cvtColor(np.ascontiguousarray(high_byte), cv2.COLOR_GRAY2RGB)
     pixels = rows.reshape(height, width, channels) if channels > 1 else rows
     if encoding == "rgb8":
         return np.array(pixels, copy=True, order="C")
@@ -107,7 +107,9 @@ def compressed_msg_to_rgb(msg: Any) -> np.ndarray:
     """
     fmt = str(msg.format).strip().lower()
     if "compresseddepth" in fmt:
-        raise ImageConversionError(UNKNOWN_ENCODING, f"format {msg.format!r}: compressedDepth is not supported")
+        raise ImageConversionError(
+            UNKNOWN_ENCODING, f"format {msg.format!r}: compressedDepth is not supported"
+        )
     if fmt and not any(codec in fmt for codec in ("jpeg", "jpg", "png")):
         raise ImageConversionError(UNKNOWN_ENCODING, f"format {msg.format!r} is neither jpeg nor png")
     data = _as_bytes(msg.data)

@@ -1,0 +1,366 @@
+"""The reward engine: the released Large Reward Model (arXiv 2603.16065) behind one ``score(queries)`` call.
+
+What this is for: turning ``Query`` objects (task text + frames, one modality each) into ``Answer`` objects.
+It validates queries, groups them by adapter and readout, runs as few batched forward passes as it can
+(``max_batch_size`` per pass), halves a batch that runs out of CUDA memory, and never raises on bad input
+or bad model output: failures come back as ``Answer(parsed=False, error=...)``.
+Backends sit behind a small registry; ``make_engine(cfg)`` builds one ("local" = in-process transformers).
+
+What it is not: no episode state, interval-hold or fusion (``tracking.py``), no ROS, no lerobot.
+torch / transformers / peft are imported lazily so light callers can import the config cheaply.
+"""
+
+from __future__ import annotations
+
+import abc
+import gc
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lrm_reward.core import prompts
+from lrm_reward.core.types import Answer, Modality, Query, Readout
+
+log = logging.getLogger(__name__)
+
+# Reference decoding budgets (authors' server): contrastive reasons step by step before its JSON.
+DEFAULT_MAX_NEW_TOKENS = {
+    Modality.PROGRESS.value: 128,
+    Modality.CONTRASTIVE.value: 512,
+    Modality.COMPLETION.value: 128,
+}
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+MAX_IMAGE_ASPECT = 200  # the Qwen-VL resize refuses more extreme aspect ratios
+
+
+@dataclass
+class EngineConfig:
+    """How to load and query the reward model. Validated on construction (ValueError on bad values)."""
+
+    base_model: str  # local folder or Hub id of a Qwen3-VL checkpoint
+    adapters: dict[str, str] | None = None  # modality name -> adapter folder / Hub id; None = base or merged
+    readout: Readout = Readout.LOGITS
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere) | "float32" | "bfloat16" | "float16"
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
+    max_batch_size: int = 8
+    local_files_only: bool = True  # offline-first
+    backend: str = "local"
+    processor: str | None = None  # where the processor lives when not with base_model
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_NEW_TOKENS))
+    # Without chain-of-thought the contrastive reply is started with its JSON prefix; this bounds the rest.
+    answer_max_new_tokens: int = 16
+    chain_of_thought: bool = False  # default for contrastive queries (a Query can also ask for it)
+    max_task_chars: int = 2000
+    max_image_side: int = 8192
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise ValueError("base_model must be a non-empty folder or Hub id")
+        try:
+            self.readout = Readout(self.readout)
+        except ValueError as exc:
+            raise ValueError(f"readout must be one of {[r.value for r in Readout]}, got {self.readout!r}") from exc
+        if self.adapters is not None:
+            if not isinstance(self.adapters, dict) or not self.adapters:
+                raise ValueError("adapters must be a non-empty dict of modality -> folder, or None")
+            known = {m.value for m in Modality}
+            for name, spec in self.adapters.items():
+                if name not in known:
+                    raise ValueError(f"adapter name {name!r} is not a modality ({sorted(known)})")
+                if not isinstance(spec, str) or not spec.strip():
+                    raise ValueError(f"adapter {name!r} needs a folder or Hub id")
+        if not _DEVICE_RE.match(str(self.device)):
+            raise ValueError(f"device must look like 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attn_implementation is not None and not str(self.attn_implementation).strip():
+            raise ValueError("attn_implementation must be None or a name like 'sdpa'")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+        merged = dict(DEFAULT_MAX_NEW_TOKENS)
+        for name, value in (self.max_new_tokens or {}).items():
+            if name not in merged:
+                raise ValueError(f"max_new_tokens key {name!r} is not a modality")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"max_new_tokens[{name!r}] must be an int >= 1, got {value!r}")
+            merged[name] = value
+        self.max_new_tokens = merged
+        for name in ("answer_max_new_tokens", "max_task_chars", "max_image_side"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    def describe(self) -> str:
+        """Human-readable id of base + adapters."""
+        if not self.adapters:
+            return self.base_model
+        listed = ", ".join(f"{name}={spec}" for name, spec in self.adapters.items())
+        return f"{self.base_model} + LoRA[{listed}]"
+
+
+@dataclass
+class EngineStats:
+    """Running counts, for node diagnostics."""
+
+    queries: int = 0
+    forward_batches: int = 0
+    unparsed: int = 0
+    errors: int = 0
+    oom_retries: int = 0
+
+
+class RewardEngine(abc.ABC):
+    """Answers reward queries. score() keeps the order of its input and never raises on bad input/output."""
+
+    model_id: str
+
+    @abc.abstractmethod
+    def score(self, queries: list[Query]) -> list[Answer]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> RewardEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class QueryError(ValueError):
+    """A query that cannot be sent to the model (bad images, task text or modality)."""
+
+
+def check_query(query: Query, max_task_chars: int = 2000, max_image_side: int = 8192) -> Modality:
+    """Validate one query; return its modality. Raises QueryError with a clear message."""
+    try:
+        modality = Modality(query.modality)
+    except (ValueError, AttributeError) as exc:
+        raise QueryError(f"unknown modality {getattr(query, 'modality', None)!r}") from exc
+    images = getattr(query, "images", None)
+    if not isinstance(images, (list, tuple)):
+        raise QueryError(f"images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}")
+    try:
+        prompts.template_for(modality, len(images))
+        prompts.check_task(query.task, max_task_chars)
+    except prompts.PromptError as exc:
+        raise QueryError(str(exc)) from exc
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray):
+            raise QueryError(f"image {index}: expected a numpy array, got {type(image).__name__}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise QueryError(
+                f"image {index}: expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype} "
+                "(convert with lrm_reward.core.images.to_rgb_uint8)"
+            )
+        height, width = image.shape[:2]
+        if height < 1 or width < 1:
+            raise QueryError(f"image {index}: empty ({height}x{width})")
+        if max(height, width) > max_image_side:
+            raise QueryError(f"image {index}: {height}x{width} exceeds max_image_side={max_image_side}")
+        if max(height, width) / min(height, width) > MAX_IMAGE_ASPECT:
+            raise QueryError(f"image {index}: aspect ratio of {height}x{width} exceeds {MAX_IMAGE_ASPECT}:1")
+    return modality
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Queries that can share one forward pass."""
+
+    adapter: str | None
+    modality: Modality
+    generate: bool
+    max_new_tokens: int = 0
+    prefill: bool = False
+
+
+class LocalRewardEngine(RewardEngine):
+    """In-process transformers + peft backend."""
+
+    def __init__(self, cfg: EngineConfig):
+        from lrm_reward.core import loading, readouts
+
+        self.cfg = cfg
+        self.model_id = cfg.describe()
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._loaded = loading.load_model(
+            cfg.base_model,
+            cfg.adapters,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+            local_files_only=cfg.local_files_only,
+            processor=cfg.processor,
+        )
+        tokenizer = self._loaded.processor.tokenizer
+        self._tries = {
+            modality: readouts.build_candidate_trie(tokenizer, spec.answer_prefix, spec.answers)
+            for modality, spec in prompts.PROMPT_SPECS.items()
+        }
+        self._active_adapter = self._loaded.adapter_names[0] if self._loaded.adapter_names else None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._loaded.adapter_names) if self._loaded else []
+
+    @property
+    def model(self):
+        """The loaded (PEFT-wrapped) model, for inspection and benchmarks."""
+        return self._loaded.model if self._loaded else None
+
+    def score(self, queries: list[Query]) -> list[Answer]:
+        with self._lock:
+            return self._score(list(queries))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._loaded is None:
+                return
+            self._loaded = None
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _score(self, queries: list[Query]) -> list[Answer]:
+        answers: list[Answer | None] = [None] * len(queries)
+        groups: dict[_Route, list[tuple[int, Query]]] = {}
+        for index, query in enumerate(queries):
+            try:
+                route = self._route(query)
+            except QueryError as exc:
+                answers[index] = _error_answer(query, f"bad query: {exc}")
+                continue
+            groups.setdefault(route, []).append((index, query))
+
+        # progress first, so the shared vision tower is switched as rarely as possible
+        order = sorted(groups, key=lambda r: (r.adapter != "progress", str(r.adapter), r.generate))
+        for route in order:
+            items = groups[route]
+            for start in range(0, len(items), self.cfg.max_batch_size):
+                chunk = items[start : start + self.cfg.max_batch_size]
+                for (index, _), answer in zip(chunk, self._run_chunk(route, chunk)):
+                    answers[index] = answer
+
+        done = [a if a is not None else _error_answer(q, "not scored") for a, q in zip(answers, queries)]
+        self.stats.queries += len(done)
+        self.stats.unparsed += sum(1 for a in done if not a.parsed)
+        self.stats.errors += sum(1 for a in done if a.error and a.value is None)
+        return done
+
+    def _route(self, query: Query) -> _Route:
+        if self._loaded is None:
+            raise QueryError("engine is closed")
+        modality = check_query(query, self.cfg.max_task_chars, self.cfg.max_image_side)
+        adapter = None
+        if self._loaded.adapter_names:
+            if modality.value not in self._loaded.adapter_names:
+                raise QueryError(f"no {modality.value!r} adapter loaded (have {self._loaded.adapter_names})")
+            adapter = modality.value
+        cot = modality is Modality.CONTRASTIVE and (query.chain_of_thought or self.cfg.chain_of_thought)
+        if cot:  # reasoning only comes from decoding, whatever the readout
+            return _Route(adapter, modality, True, self.cfg.max_new_tokens[modality.value], False)
+        if self.cfg.readout is Readout.LOGITS:
+            return _Route(adapter, modality, False)
+        if modality is Modality.CONTRASTIVE:  # released prompt, reply started at its JSON answer
+            return _Route(adapter, modality, True, self.cfg.answer_max_new_tokens, True)
+        return _Route(adapter, modality, True, self.cfg.max_new_tokens[modality.value], False)
+
+    def _run_chunk(self, route: _Route, items: list[tuple[int, Query]]) -> list[Answer]:
+        import torch
+
+        queries = [query for _, query in items]
+        try:
+            self.stats.forward_batches += 1
+            return self._run(route, queries)
+        except torch.cuda.OutOfMemoryError as exc:
+            _release_cuda_cache()
+            if len(items) > 1:
+                self.stats.oom_retries += 1
+                half = len(items) // 2
+                log.warning("CUDA out of memory at batch %d: retrying at %d", len(items), half)
+                return self._run_chunk(route, items[:half]) + self._run_chunk(route, items[half:])
+            return [_error_answer(q, f"CUDA out of memory at batch size 1: {exc}") for q in queries]
+        except Exception as exc:  # one bad query must not take its batch (or the caller) down
+            if len(items) > 1:
+                log.warning("batch of %d failed (%s: %s): retrying one by one", len(items), type(exc).__name__, exc)
+                return [answer for item in items for answer in self._run_chunk(route, [item])]
+            log.exception("query failed")
+            return [_error_answer(queries[0], f"{type(exc).__name__}: {exc}")]
+
+    def _run(self, route: _Route, queries: list[Query]) -> list[Answer]:
+        from lrm_reward.core import readouts
+
+        loaded = self._loaded
+        if route.adapter is not None and route.adapter != self._active_adapter:
+            loaded.model.set_adapter(route.adapter)
+            self._active_adapter = route.adapter
+        if route.generate:
+            return readouts.generate_answers(
+                loaded.model,
+                loaded.processor,
+                queries,
+                max_new_tokens=route.max_new_tokens,
+                prefill_answer_prefix=route.prefill,
+                max_task_chars=self.cfg.max_task_chars,
+            )
+        return readouts.score_answer_sets(
+            loaded.model,
+            loaded.processor,
+            queries,
+            self._tries[route.modality],
+            loaded.device,
+            self.cfg.max_task_chars,
+        )
+
+
+def _error_answer(query: Query, error: str) -> Answer:
+    try:
+        modality = Modality(query.modality)
+    except (ValueError, AttributeError):  # the Answer still needs some modality; the error says why
+        modality = Modality.PROGRESS
+    return Answer(modality=modality, value=None, parsed=False, error=error)
+
+
+def _release_cuda_cache() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_BACKENDS: dict[str, Callable[[EngineConfig], RewardEngine]] = {"local": LocalRewardEngine}
+
+
+def register_backend(name: str, factory: Callable[[EngineConfig], RewardEngine]) -> None:
+    """Add a backend (e.g. a remote server client) that make_engine can build by name."""
+    if not name or not callable(factory):
+        raise ValueError("a backend needs a name and a callable factory")
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def make_engine(cfg: EngineConfig) -> RewardEngine:
+    """Build the engine for cfg.backend. Raises ValueError (unknown backend) or loading.ModelLoadError."""
+    factory = _BACKENDS.get(cfg.backend)
+    if factory is None:
+        raise ValueError(f"unknown engine backend {cfg.backend!r}; available: {available_backends()}")
+    return factory(cfg)
+

@@ -1,0 +1,441 @@
+"""Fine-tune the current policy on judged successes and store the result as a new policy version.
+
+What it is for: the nightly step after judging (arXiv 2603.16065, real-robot self-improvement: the
+episodes the reward model judges successful are added to the imitation data and the policy is
+refined). Steps: take the store lock; select episodes (judged successes of the given datasets, minus
+partial ones and ones the operator labelled failure, plus every episode of optional demonstration
+datasets); open them as filtered LeRobotDataset views (`episodes=[...]`, no copying); continue training
+the current version (any lerobot policy type; from scratch only on request); write the new version
+through PolicyStore (staging folder, checksums, atomic rename) and promote it to `current` only after
+a clean finish; append to the store history; write the report.
+
+What it is not: no judging (judge.py), no recording, no hub, no wandb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lrm_reward.refinement.judge import load_judgments
+from lrm_reward.refinement.policy_store import (
+    CorruptCheckpointError,
+    PolicyStore,
+    PolicyVersion,
+    StoreBusyError,
+    load_policy,
+)
+
+log = logging.getLogger(__name__)
+
+REFINE_VERSION = "lrm-refine/1"
+
+
+class NothingToTrainError(RuntimeError):
+    """No episode passed the selection."""
+
+
+@dataclass
+class RefineConfig:
+    store_root: Path
+    policy_name: str
+    datasets: list[Path] = field(default_factory=list)  # judged recordings: their successes are used
+    demos: list[Path] = field(default_factory=list)  # demonstrations: every episode is used
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float | None = None  # None: the policy config's optimizer_lr
+    weight_decay: float | None = None
+    grad_clip_norm: float = 10.0
+    num_workers: int = 0
+    device: str = "cpu"
+    seed: int = 0
+    min_confidence: float = 0.0  # judged successes below this confidence are left out
+    include_partial: bool = False  # use episodes the recorder marked partial
+    respect_operator_labels: bool = True  # an operator "failure" label overrides a judged success
+    from_scratch: bool = False  # no current version yet: build a new policy of policy_type
+    policy_type: str = "act"
+    policy_overrides: dict = field(default_factory=dict)  # config fields for a from-scratch policy
+    promote: bool = True
+    report: bool = True
+    progress_bar: bool = True
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.store_root = Path(self.store_root)
+        self.datasets = [Path(p) for p in self.datasets]
+        self.demos = [Path(p) for p in self.demos]
+        if self.steps < 1:
+            raise ValueError("RefineConfig.steps must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("RefineConfig.batch_size must be >= 1")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError("RefineConfig.min_confidence must be in [0, 1]")
+        if not self.datasets and not self.demos:
+            raise ValueError("RefineConfig: give at least one judged dataset or demonstration dataset")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("RefineConfig.lr must be > 0")
+
+
+@dataclass
+class Selection:
+    """Episodes chosen per dataset, and why others were left out."""
+
+    episodes: dict[str, list[int]]  # dataset root -> episode indices
+    kept: list[dict]  # {"dataset", "episode_index", "source", ...judgment summary}
+    rejected: list[dict]
+
+    @property
+    def num_episodes(self) -> int:
+        return sum(len(v) for v in self.episodes.values())
+
+
+def select_episodes(cfg: RefineConfig) -> Selection:
+    episodes: dict[str, list[int]] = {}
+    kept, rejected = [], []
+    for root in cfg.datasets:
+        judgments = load_judgments(root)
+        total = _total_episodes(root)
+        for e in range(total):
+            j = judgments.get(e)
+            row = {"dataset": str(root), "episode_index": e, "source": "judged"}
+            if j is None:
+                rejected.append({**row, "reason": "not judged"})
+                continue
+            row.update(
+                verdict=j.verdict,
+                confidence=j.confidence,
+                completion_prob=j.completion_prob,
+                final_progress=j.final_progress,
+                curve=j.progress_curve,
+                curve_frames=j.curve_frame_indices,
+                task=j.task,
+            )
+            reason = None
+            if not j.success:
+                reason = f"verdict {j.verdict}"
+            elif j.confidence < cfg.min_confidence:
+                reason = f"confidence {j.confidence:.2f} < {cfg.min_confidence:.2f}"
+            elif j.partial and not cfg.include_partial:
+                reason = "partial recording"
+            elif cfg.respect_operator_labels and j.recorded_outcome == "failure":
+                reason = "operator labelled it a failure"
+            if reason:
+                rejected.append({**row, "reason": reason})
+            else:
+                kept.append(row)
+                episodes.setdefault(str(root), []).append(e)
+    for root in cfg.demos:
+        total = _total_episodes(root)
+        if total:
+            episodes.setdefault(str(root), []).extend(range(total))
+            kept.extend({"dataset": str(root), "episode_index": e, "source": "demo"} for e in range(total))
+    return Selection(episodes=episodes, kept=kept, rejected=rejected)
+
+
+@dataclass
+class RefineResult:
+    version: PolicyVersion
+    promoted: bool
+    parent: str | None
+    selection: Selection
+    losses: list[float]
+    report: Path | None
+
+
+def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
+    """Run one refinement. Raises StoreBusyError, CorruptCheckpointError, NothingToTrainError, ValueError.
+
+    on_step(step, loss) is called after every optimizer step (progress reporting, tests).
+    """
+    store = PolicyStore(cfg.store_root, cfg.policy_name)
+    with store:
+        cleaned = store.clean_staging()
+        if cleaned:
+            log.warning("removed unfinished runs from %s: %s", store.dir / ".staging", cleaned)
+        parent = store.current()
+        if parent is None and not cfg.from_scratch:
+            raise CorruptCheckpointError(
+                f"policy store {store.dir} has no current version: pass --from-scratch to start one"
+            )
+        selection = select_episodes(cfg)
+        if selection.num_episodes == 0:
+            raise NothingToTrainError(
+                f"no episode selected ({len(selection.rejected)} rejected: "
+                f"{sorted({r['reason'] for r in selection.rejected})})"
+            )
+        started = time.time()
+        policy, pre, post, policy_cfg = _load_or_build(cfg, parent, selection)
+        datasets = _open_datasets(selection, policy_cfg)
+        losses = _train(cfg, policy, pre, datasets, on_step)
+        staging = store.new_staging_dir()
+        policy.save_pretrained(staging)
+        pre.save_pretrained(staging)
+        post.save_pretrained(staging)
+        metadata = {
+            "schema": "lrm.policy_version/1",
+            "created_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "refine_version": REFINE_VERSION,
+            "parent": parent.ref if parent else None,
+            "policy_type": policy_cfg.type,
+            "datasets": {k: sorted(v) for k, v in selection.episodes.items()},
+            "num_episodes": selection.num_episodes,
+            "num_frames": sum(len(d) for d in datasets),
+            "selection": {
+                "kept": [_brief(r) for r in selection.kept],
+                "rejected": [_brief(r) for r in selection.rejected],
+            },
+            "judge_thresholds": _judge_thresholds(cfg.datasets),
+            "training": _training_config(cfg),
+            "losses": losses,
+            "final_loss": losses[-1] if losses else None,
+            "duration_s": time.time() - started,
+        }
+        version = store.commit(staging, metadata)
+        if cfg.promote:
+            store.promote(version)
+        report_path = None
+        history = {
+            "run_at": metadata["created_at"],
+            "version": version.version,
+            "parent": metadata["parent"],
+            "promoted": cfg.promote,
+            "kept": sum(1 for r in selection.kept if r["source"] == "judged"),
+            "rejected": len(selection.rejected),
+            "demos": sum(1 for r in selection.kept if r["source"] == "demo"),
+            "final_loss": metadata["final_loss"],
+            "datasets": [str(p) for p in cfg.datasets],
+        }
+        store.append_history(history)
+        if cfg.report:
+            try:
+                from lrm_reward.refinement.report import write_report
+
+                report_path = write_report(store, version, selection, losses)
+            except Exception as exc:  # a report failure must not undo a good version
+                log.error("report failed: %s", exc)
+        return RefineResult(version, cfg.promote, metadata["parent"], selection, losses, report_path)
+
+
+def _load_or_build(cfg: RefineConfig, parent: PolicyVersion | None, selection: Selection):
+    if parent is not None and not cfg.from_scratch:
+        policy, pre, post, policy_cfg = load_policy(parent, cfg.device)
+        return policy, pre, post, policy_cfg
+    from lerobot.datasets.compute_stats import aggregate_stats
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.policies.factory import get_policy_class, make_policy_config, make_pre_post_processors
+    from lerobot.utils.constants import ACTION
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    metas = [LeRobotDatasetMetadata(f"lrm/{Path(root).name}", root=root) for root in selection.episodes]
+    features = dataset_to_policy_features(metas[0].features)
+    overrides = {"device": cfg.device, "push_to_hub": False, **cfg.policy_overrides}
+    if cfg.policy_type == "act":
+        overrides.setdefault("pretrained_backbone_weights", None)  # the default downloads ImageNet weights
+    policy_cfg = make_policy_config(
+        cfg.policy_type,
+        input_features={k: f for k, f in features.items() if k != ACTION},
+        output_features={k: f for k, f in features.items() if k == ACTION},
+        **overrides,
+    )
+    stats = aggregate_stats([m.stats for m in metas])
+    policy = get_policy_class(policy_cfg.type)(policy_cfg)
+    pre, post = make_pre_post_processors(policy_cfg, dataset_stats=stats)
+    return policy, pre, post, policy_cfg
+
+
+def _open_datasets(selection: Selection, policy_cfg):
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    out = []
+    for root, episodes in selection.episodes.items():
+        repo_id = f"lrm/{Path(root).name}"
+        meta = LeRobotDatasetMetadata(repo_id, root=root)
+        for key, feature in {**policy_cfg.input_features, **policy_cfg.output_features}.items():
+            have = meta.features.get(key)
+            if have is None:
+                raise ValueError(f"dataset {root} has no feature {key!r}, which the policy needs")
+            shape = tuple(have["shape"])
+            if have["dtype"] in ("image", "video"):
+                shape = (shape[2], shape[0], shape[1])
+            if shape != tuple(feature.shape):
+                raise ValueError(
+                    f"dataset {root}: {key} has shape {shape}, the policy expects {feature.shape}"
+                )
+        delta = resolve_delta_timestamps(policy_cfg, meta)
+        out.append(
+            LeRobotDataset(
+                repo_id, root=root, episodes=sorted(episodes), delta_timestamps=delta, video_backend="pyav"
+            )
+        )
+    return out
+
+
+def _train(cfg: RefineConfig, policy, pre, datasets, on_step) -> list[float]:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    data = torch.utils.data.ConcatDataset(datasets)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=min(cfg.batch_size, len(data)),
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    policy.to(cfg.device)
+    policy.train()
+    pcfg = policy.config
+    lr = cfg.lr if cfg.lr is not None else getattr(pcfg, "optimizer_lr", 1e-4)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else getattr(pcfg, "optimizer_weight_decay", 0.0)
+    optimizer = torch.optim.AdamW(policy.get_optim_params(), lr=lr, weight_decay=wd)
+    losses: list[float] = []
+    bar = None
+    if cfg.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="refining", unit="step")
+    step = 0
+    while step < cfg.steps:
+        for batch in loader:
+            batch = pre(batch)
+            loss, _ = policy.forward(batch)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step}")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip_norm)
+            optimizer.step()
+            losses.append(value)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if step >= cfg.steps:
+                break
+    if bar is not None:
+        bar.close()
+    policy.eval()
+    return losses
+
+
+def _judge_thresholds(datasets: list[Path]) -> dict:
+    out = {}
+    for root in datasets:
+        seen = {json.dumps(j.thresholds, sort_keys=True) for j in load_judgments(root).values()}
+        out[str(root)] = [json.loads(s) for s in sorted(seen)]
+    return out
+
+
+def _training_config(cfg: RefineConfig) -> dict:
+    d = asdict(cfg)
+    for key in ("store_root",):
+        d[key] = str(d[key])
+    d["datasets"] = [str(p) for p in cfg.datasets]
+    d["demos"] = [str(p) for p in cfg.demos]
+    return d
+
+
+def _brief(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("curve", "curve_frames")}
+
+
+def _total_episodes(root: Path) -> int:
+    info = Path(root) / "meta" / "info.json"
+    if not info.exists():
+        raise FileNotFoundError(f"no LeRobotDataset at {root} (meta/info.json missing)")
+    return int(json.loads(info.read_text())["total_episodes"])
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lrm-refine", description="Fine-tune the current policy on judged successes into a new version."
+    )
+    p.add_argument("datasets", nargs="*", help="judged dataset folders (their successes are used)")
+    p.add_argument("--store", required=True, help="policy store root (holds <policy>/vNNNN)")
+    p.add_argument("--policy", required=True, help="policy name inside the store")
+    p.add_argument("--demos", nargs="*", default=[], help="demonstration datasets (all episodes used)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--min-confidence", type=float, default=0.0)
+    p.add_argument("--include-partial", action="store_true")
+    p.add_argument("--ignore-operator-labels", action="store_true")
+    p.add_argument("--from-scratch", action="store_true", help="start a new policy (no current version)")
+    p.add_argument("--policy-type", default="act", help="lerobot policy type for --from-scratch")
+    p.add_argument(
+        "--policy-config",
+        default=None,
+        help="JSON object of config fields for --from-scratch, e.g. chunk_size",
+    )
+    p.add_argument("--no-promote", action="store_true", help="write the version but keep `current`")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = RefineConfig(
+            store_root=Path(args.store),
+            policy_name=args.policy,
+            datasets=args.datasets,
+            demos=args.demos,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            min_confidence=args.min_confidence,
+            include_partial=args.include_partial,
+            respect_operator_labels=not args.ignore_operator_labels,
+            from_scratch=args.from_scratch,
+            policy_type=args.policy_type,
+            policy_overrides=json.loads(args.policy_config) if args.policy_config else {},
+            promote=not args.no_promote,
+            report=not args.no_report,
+            progress_bar=not args.quiet,
+        )
+        result = refine(cfg)
+    except (
+        StoreBusyError,
+        CorruptCheckpointError,
+        NothingToTrainError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"lrm-refine: {exc}", file=sys.stderr)
+        return 1
+    sel = result.selection
+    print(
+        f"new version {result.version.ref} from {result.parent or 'scratch'}: "
+        f"{sel.num_episodes} episodes ({len(sel.rejected)} rejected), "
+        f"final loss {result.losses[-1]:.4f}, {'promoted to current' if result.promoted else 'not promoted'}"
+    )
+    if result.report:
+        print(f"report: {result.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The refinement report: an HTML page with PNG plots and a text summary, one per refinement run.
+
+Written to <store>/<policy>/reports/<version>/ (index.html, summary.txt, rewards.png, nights.png,
+loss.png), outside the checksummed version folder so versions stay immutable. Plots: progress curves of
+kept vs rejected episodes, kept/rejected counts per night (from the store history), training loss.
+
+What it is not: no judging or training; matplotlib (Agg backend) only, imported lazily.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+from pathlib import Path
+
+from lrm_reward.refinement.policy_store import PolicyStore, PolicyVersion
+
+
+def write_report(store: PolicyStore, version: PolicyVersion, selection, losses: list[float]) -> Path:
+    """Write the report of one run; returns the path of index.html."""
+    out = store.dir / "reports" / version.version
+    out.mkdir(parents=True, exist_ok=True)
+    history = store.history()
+    _plot_rewards(out / "rewards.png", selection.kept, selection.rejected)
+    _plot_nights(out / "nights.png", history)
+    _plot_loss(out / "loss.png", losses)
+    summary = summary_text(version, selection, losses, history)
+    (out / "summary.txt").write_text(summary)
+    (out / "index.html").write_text(_html(version, selection, summary))
+    return out / "index.html"
+
+
+def summary_text(version: PolicyVersion, selection, losses: list[float], history: list[dict]) -> str:
+    judged_kept = [r for r in selection.kept if r["source"] == "judged"]
+    demos = [r for r in selection.kept if r["source"] == "demo"]
+    reasons: dict[str, int] = {}
+    for r in selection.rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    lines = [
+        f"policy {version.ref}",
+        f"episodes used: {selection.num_episodes} "
+        f"({len(judged_kept)} judged successes, {len(demos)} demonstrations)",
+        f"episodes rejected: {len(selection.rejected)}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else ""),
+    ]
+    if losses:
+        lines.append(f"training: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if len(history) > 1:
+        lines.append(
+            f"runs so far: {len(history)}; successes kept per run: {[h.get('kept', 0) for h in history]}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_rewards(path: Path, kept: list[dict], rejected: list[dict]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for rows, color, label in ((rejected, "tab:red", "rejected"), (kept, "tab:green", "kept")):
+        first = True
+        for r in rows:
+            curve, frames = r.get("curve"), r.get("curve_frames")
+            if not curve or not frames:
+                continue
+            last = max(frames[-1], 1)
+            xs = [f / last for f in frames]
+            ys = [float("nan") if c is None else c for c in curve]
+            ax.plot(xs, ys, color=color, alpha=0.6, label=label if first else None)
+            first = False
+    ax.set_xlabel("episode time (fraction)")
+    ax.set_ylabel("progress")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("reward curves: kept vs rejected")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_nights(path: Path, history: list[dict]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    labels = [str(h.get("run_at", "?"))[:16].replace("T", " ") for h in history]
+    xs = list(range(len(history)))
+    kept = [h.get("kept", 0) for h in history]
+    rejected = [h.get("rejected", 0) for h in history]
+    ax.bar(xs, kept, color="tab:green", label="kept (judged successes)")
+    ax.bar(xs, rejected, bottom=kept, color="tab:red", alpha=0.6, label="rejected")
+    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("episodes")
+    ax.set_title("episodes per refinement run")
+    if history:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_loss(path: Path, losses: list[float]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    finite = [(i + 1, v) for i, v in enumerate(losses) if math.isfinite(v)]
+    if finite:
+        ax.plot([i for i, _ in finite], [v for _, v in finite], color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("fine-tuning loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _html(version: PolicyVersion, selection, summary: str) -> str:
+    rows = []
+    for r in sorted(selection.kept + selection.rejected, key=lambda r: (r["dataset"], r["episode_index"])):
+        status = "kept" if r in selection.kept else f"rejected: {r.get('reason', '')}"
+        conf = r.get("confidence")
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (
+                    Path(r["dataset"]).name,
+                    r["episode_index"],
+                    r.get("task", ""),
+                    r["source"],
+                    r.get("verdict", ""),
+                    "" if conf is None else f"{conf:.2f}",
+                    status,
+                )
+            )
+            + "</tr>"
+        )
+    generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lrm refinement {html.escape(version.ref)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>
+</head><body>
+<h1>Refinement report: {html.escape(version.ref)}</h1>
+<pre>{html.escape(summary)}</pre>
+<img src="rewards.png" alt="reward curves"> <img src="nights.png" alt="episodes per run">
+<img src="loss.png" alt="loss curve">
+<h2>Episodes</h2>
+<table><tr><th>dataset</th><th>episode</th><th>task</th><th>source</th><th>verdict</th><th>confidence</th>
+<th>status</th></tr>
+{"".join(rows)}
+</table>
+<p>generated {generated}</p>
+</body></html>
+"""
