@@ -34,7 +34,8 @@ def block_positions(kind: str, n_frames: int, rng: np.random.Generator) -> np.nd
 
 
 def render(x: int, y: int, rng: np.random.Generator) -> np.ndarray:
-    frame = np.full((SIZE, SIZE, 3), 90, dtype=np.int16)
+    frame = np.full((SIZE, SIZE, 3), 225, dtype=np.int16)  # bright table
+    frame[:, : x + BLOCK // 2] = (45, 45, 55)  # the dark cloth the block drags along
     ty = (SIZE - BLOCK) // 2
     frame[ty : ty + BLOCK, TARGET_X : TARGET_X + BLOCK] = (40, 200, 60)
     frame[y : y + BLOCK, x : x + BLOCK] = (220, 40, 40)

@@ -41,6 +41,15 @@ def _argmax(answer):
     return max(answer.probabilities, key=answer.probabilities.get)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core CPU run several times faster single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def logits_engine(tiny_lrm):
     engine = make_engine(EngineConfig(str(tiny_lrm.base), _adapters(tiny_lrm), max_batch_size=8))
@@ -343,6 +352,16 @@ def test_odd_image_sizes_are_answered(logits_engine):
     queries = [Query(K, TASK, [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)]) for h, w in sizes]
     answers = logits_engine.score(queries)
     assert all(a.parsed and 0.0 <= a.value <= 1.0 for a in answers), [a.error for a in answers]
+
+
+def test_string_modality_and_flipped_frames_are_accepted(logits_engine):
+    rng = np.random.default_rng(8)
+    query = _query(C, 0.7, rng)
+    flipped = [image[:, ::-1] for image in query.images]  # negative strides, as from a BGR->RGB view
+    reference = logits_engine.score([Query(C, TASK, [np.ascontiguousarray(i) for i in flipped])])[0]
+    answer = logits_engine.score([Query("contrastive", TASK, flipped)])[0]
+    assert answer.parsed and answer.modality is C
+    assert answer.value == pytest.approx(reference.value, abs=1e-6)
 
 
 def test_missing_adapter_for_modality_is_an_error_answer(tiny_lrm):

@@ -189,3 +189,22 @@ def test_killed_run_leaves_no_half_version(store, recorded):
         json.loads((store / "act_pick" / "v0002" / "metadata.json").read_text())["parent"] == "act_pick/v0001"
     )
     assert os.readlink(store / "act_pick" / "current") == "v0002"
+
+
+def test_import_an_existing_lerobot_checkpoint_through_the_cli(store, tmp_path, capsys):
+    from lrm_reward.refinement.refine import main
+
+    source = PolicyStore(store, "act_pick").current().path
+    new_store = tmp_path / "other_store"
+    assert main(["--store", str(new_store), "--policy", "imported", "--import-checkpoint", str(source)]) == 0
+    assert "imported" in capsys.readouterr().out
+    ps = PolicyStore(new_store, "imported")
+    assert ps.current().version == "v0001"
+    meta = ps.verify(ps.current())
+    assert meta["imported_from"] == str(source.resolve()) and meta["policy_type"] == "act"
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert main(["--store", str(new_store), "--policy", "imported", "--import-checkpoint", str(broken)]) == 1
+    assert "cannot load" in capsys.readouterr().err
+    assert [v.version for v in ps.versions()] == ["v0001"]

@@ -88,6 +88,7 @@ def _publish_episode(
     events += [(t, "action") for t in np.arange(0, duration, 0.05)]
     events += [(t, "reward") for t in np.arange(0, duration, 0.1)]
     events.sort(key=lambda e: e[0])
+    sent = {"action": 0}
     for i, (rel, kind) in enumerate(events):
         t = t0 + float(rel)
         if kind == "img":
@@ -101,9 +102,10 @@ def _publish_episode(
         elif kind == "action":
             msg = JointState()
             msg.name = ["shoulder", "elbow"]
-            msg.position = [float(rel), 1.0, 2.0] if faults and i % 5 == 0 else [float(rel), 1.0]
-            if len(msg.position) == 3:
-                msg.name = ["shoulder", "elbow", "wrist"]
+            msg.position = [float(rel), 1.0]
+            sent["action"] += 1
+            if faults and sent["action"] % 4 == 0:  # an unnamed action of the wrong size
+                msg.name, msg.position = [], [float(rel), 1.0, 2.0]
         else:
             msg = RewardSignal()
             msg.progress = float(rel / duration)

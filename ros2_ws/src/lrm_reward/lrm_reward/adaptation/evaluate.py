@@ -67,14 +67,18 @@ class EvalConfig:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ValueError("base_model is required")
         if not isinstance(self.adapter_sets, dict) or not self.adapter_sets:
-            raise ValueError("adapter_sets: give at least one name -> folder (or 'none' for the bare base model)")
+            raise ValueError(
+                "adapter_sets: give at least one name -> folder (or 'none' for the bare base model)"
+            )
         self.adapter_sets = {str(k): str(v) for k, v in self.adapter_sets.items()}
         self.output_dir = Path(self.output_dir).expanduser()
         if self.split_from is not None:
             self.split_from = Path(self.split_from).expanduser()
         if isinstance(self.samples, dict):
             self.samples = T._build(S.SampleConfig, self.samples, "samples")
-        self.datasets = [d if isinstance(d, S.DatasetSpec) else T._dataset_spec(d, None) for d in self.datasets]
+        self.datasets = [
+            d if isinstance(d, S.DatasetSpec) else T._dataset_spec(d, None) for d in self.datasets
+        ]
         if not self.datasets and self.split_from is None:
             raise ValueError("give datasets, or split_from (a training output folder)")
         if self.episodes not in ("held_out", "all"):
@@ -102,10 +106,15 @@ def evaluation_episodes(cfg: EvalConfig) -> tuple[S.EpisodeSet, list[S.Episode]]
     if cfg.split_from is not None:
         split_path = cfg.split_from / T.SPLIT_FILE
         if not split_path.is_file():
-            raise FileNotFoundError(f"{split_path} not found: split_from must be an lrm-train-reward output folder")
+            raise FileNotFoundError(
+                f"{split_path} not found: split_from must be an lrm-train-reward output folder"
+            )
         split = json.loads(split_path.read_text())
         if not specs:
-            specs = [T._dataset_spec({k: v for k, v in d.items() if v is not None}, None) for d in split["datasets"]]
+            specs = [
+                T._dataset_spec({k: v for k, v in d.items() if v is not None}, None)
+                for d in split["datasets"]
+            ]
             cfg.samples = T._build(S.SampleConfig, split["samples"], "split.json samples")
         held_keys = set(split["held_out"])
     episode_set = S.load_episodes(specs, cfg.samples)
@@ -228,7 +237,11 @@ def score_set(engine, folders: dict[str, str] | None, cfg: EvalConfig, items: Ev
         for (number, time), answer in zip(items.voc_index, answers, strict=True):
             if answer.value is not None:
                 per_episode.setdefault(number, []).append((float(answer.value), time))
-        series = [(np.array([p for p, _ in v]), np.array([t for _, t in v])) for v in per_episode.values() if len(v) >= 2]
+        series = [
+            (np.array([p for p, _ in v]), np.array([t for _, t in v]))
+            for v in per_episode.values()
+            if len(v) >= 2
+        ]
         out["voc"] = M.value_order_correlation(series)
         out["voc_per_episode"] = [M.spearman(p, t) for p, t in series]
         errors = [abs(p - t) for v in per_episode.values() for p, t in v]
@@ -242,7 +255,9 @@ def score_set(engine, folders: dict[str, str] | None, cfg: EvalConfig, items: Ev
         labels = np.array([y for _, y in items.completion])
         out["completion_accuracy"] = M.accuracy(probs > 0.5, labels)
         out["completion_f1"] = M.f1_score(probs > 0.5, labels)
-        out["completion_ece"] = M.expected_calibration_error(np.clip(probs, 0, 1), labels, cfg.calibration_bins)
+        out["completion_ece"] = M.expected_calibration_error(
+            np.clip(probs, 0, 1), labels, cfg.calibration_bins
+        )
         out["completion_probabilities"] = probs.tolist()
         out["completion_labels"] = labels.astype(bool).tolist()
     if has(Modality.CONTRASTIVE) and items.contrastive:
@@ -280,10 +295,16 @@ def write_report(output_dir: Path, report: dict, calibration_bins: int = 10) -> 
             continue
         fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2))
         heights = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        bars = ax.bar(names, heights, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"][: len(names)] or None)
+        bars = ax.bar(
+            names,
+            heights,
+            color=["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"][: len(names)] or None,
+        )
         for bar, v in zip(bars, values, strict=True):
             label = "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+            ax.annotate(
+                label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+            )
         ax.set_title(title, fontsize=9)
         if metric == "voc":
             ax.set_ylim(-1, 1.1)
@@ -340,7 +361,10 @@ def _html(report: dict, plots: list[tuple[str, str]]) -> str:
             continue
         cells = "".join(f"<td>{_fmt(results[n].get(metric))}</td>" for n in names)
         rows.append(f"<tr><th>{html.escape(metric)}</th>{cells}</tr>")
-    header = "".join(f"<th>{html.escape(n)}<br><small>{html.escape(str(report['adapter_sets'][n]))}</small></th>" for n in names)
+    header = "".join(
+        f"<th>{html.escape(n)}<br><small>{html.escape(str(report['adapter_sets'][n]))}</small></th>"
+        for n in names
+    )
     images = "".join(
         f'<figure><img src="{m}.png" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
         for m, t in plots
@@ -352,9 +376,9 @@ def _html(report: dict, plots: list[tuple[str, str]]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} figure{{display:inline-block;margin:1em}}</style>
 </head><body>
 <h1>Reward adapter evaluation</h1>
-<p>Base model: <code>{html.escape(report['base_model'])}</code></p>
+<p>Base model: <code>{html.escape(report["base_model"])}</code></p>
 <p>Held-out data: <code>{evaluation}</code></p>
-<table><tr><th>metric</th>{header}</tr>{''.join(rows)}</table>
+<table><tr><th>metric</th>{header}</tr>{"".join(rows)}</table>
 {images}
 </body></html>
 """
@@ -389,10 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML or JSON evaluation config")
     parser.add_argument("--base-model", help="folder of the Qwen3-VL checkpoint the adapters sit on")
     parser.add_argument(
-        "--adapters", action="append", metavar="NAME=FOLDER",
+        "--adapters",
+        action="append",
+        metavar="NAME=FOLDER",
         help="an adapter set (folder with progress/ contrastive/ completion/), or NAME=none; repeatable",
     )
-    parser.add_argument("--split-from", type=Path, help="lrm-train-reward output folder: its held-out episodes")
+    parser.add_argument(
+        "--split-from", type=Path, help="lrm-train-reward output folder: its held-out episodes"
+    )
     parser.add_argument("--dataset", action="append", help="LeRobotDataset folder (repeatable)")
     parser.add_argument("--labels", type=Path, help="JSON/CSV episode->success file (for a single --dataset)")
     parser.add_argument("--all-episodes", action="store_true", help="evaluate on every episode (unseen data)")
@@ -420,7 +448,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.dataset:
         if args.labels and len(args.dataset) != 1:
             raise ValueError("--labels goes with exactly one --dataset")
-        raw["datasets"] = [{"root": d, "labels": str(args.labels) if args.labels else None} for d in args.dataset]
+        raw["datasets"] = [
+            {"root": d, "labels": str(args.labels) if args.labels else None} for d in args.dataset
+        ]
     if args.all_episodes:
         raw["episodes"] = "all"
     if args.output_dir:
@@ -432,18 +462,22 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if "adapter_sets" not in raw and raw.get("split_from"):
         raw["adapter_sets"] = {"trained": raw["split_from"], "base": NO_ADAPTERS}
     if base is not None:
+        if isinstance(raw.get("base_model"), str):
+            raw["base_model"] = T._resolve(raw["base_model"], base, only_if_exists=True)
         for key in ("split_from", "output_dir"):
             if isinstance(raw.get(key), str):
-                raw[key] = T._resolve(raw[key], base, must_exist=False)
+                raw[key] = T._resolve(raw[key], base)
         if isinstance(raw.get("adapter_sets"), dict):
             raw["adapter_sets"] = {
-                k: v if str(v).lower() == NO_ADAPTERS else T._resolve(str(v), base, must_exist=False)
+                k: v if str(v).lower() == NO_ADAPTERS else T._resolve(str(v), base)
                 for k, v in raw["adapter_sets"].items()
             }
     raw["datasets"] = [T._dataset_spec(d, base) for d in raw.get("datasets", [])]
     missing = [k for k in ("base_model", "adapter_sets", "output_dir") if k not in raw]
     if missing:
-        raise ValueError(f"missing settings: {missing} (use --base-model, --adapters/--split-from, --output-dir)")
+        raise ValueError(
+            f"missing settings: {missing} (use --base-model, --adapters/--split-from, --output-dir)"
+        )
     return T._build(EvalConfig, raw, "evaluation config")
 
 
@@ -473,4 +507,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

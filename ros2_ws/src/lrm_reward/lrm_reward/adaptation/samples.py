@@ -48,11 +48,11 @@ END_TOKEN = "<|im_end|>"
 LABELS_HELP = (
     "Success labels are needed to train or evaluate: progress is learned from successful episodes only, "
     "completion from successful vs. failed ends. Provide ONE of:\n"
-    "  1. the recorder's sidecars <root>/recording/episode_XXXXXX.json with \"outcome\": \"success\" or "
-    "\"failure\" (set the outcome when stopping an episode: StopEpisode OUTCOME_SUCCESS / OUTCOME_FAILURE);\n"
+    '  1. the recorder\'s sidecars <root>/recording/episode_XXXXXX.json with "outcome": "success" or '
+    '"failure" (set the outcome when stopping an episode: StopEpisode OUTCOME_SUCCESS / OUTCOME_FAILURE);\n'
     "  2. a per-frame boolean feature 'next.success' or 'success' in the dataset (e.g. simulator ground "
     "truth; an episode counts as successful when any frame is true);\n"
-    "  3. a labels file: JSON {\"0\": true, \"1\": false, ...} (or {\"episodes\": {...}}) or CSV with the "
+    '  3. a labels file: JSON {"0": true, "1": false, ...} (or {"episodes": {...}}) or CSV with the '
     "header 'episode_index,success', values true/false, 1/0, yes/no or success/failure; give it as "
     "'labels:' in the dataset entry of the config or with --labels."
 )
@@ -94,7 +94,9 @@ class SampleConfig:
     """How samples are drawn from episodes. Times are normalized to [0, 1] within an episode."""
 
     label_source: LabelSource = LabelSource.AUTO
-    eval_fraction: float = 0.25  # share of episodes held out (per outcome), at least one of each when possible
+    eval_fraction: float = (
+        0.25  # share of episodes held out (per outcome), at least one of each when possible
+    )
     seed: int = 0
     min_frames: int = 8  # shorter episodes are skipped (counted as "too_short")
     use_initial_frame: bool = True  # progress prompt with [initial, current]; False: [current] only
@@ -298,7 +300,9 @@ def parse_success(raw, where: str) -> bool | None:
         return False
     if text in ("", "unknown", "none", "null", "na"):
         return None
-    raise LabelError(f"{where}: cannot read {raw!r} as success (use true/false, 1/0, yes/no, success/failure)")
+    raise LabelError(
+        f"{where}: cannot read {raw!r} as success (use true/false, 1/0, yes/no, success/failure)"
+    )
 
 
 def read_labels_file(path: Path) -> dict[int, bool | None]:
@@ -321,7 +325,7 @@ def read_labels_file(path: Path) -> dict[int, bool | None]:
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
-        raise LabelError(f"{path} is not valid JSON ({exc}); expected {{\"0\": true, ...}}") from exc
+        raise LabelError(f'{path} is not valid JSON ({exc}); expected {{"0": true, ...}}') from exc
     if isinstance(raw, dict) and isinstance(raw.get("episodes"), dict):
         raw = raw["episodes"]
     if not isinstance(raw, dict):
@@ -432,7 +436,9 @@ def load_episodes(specs: list[DatasetSpec], cfg: SampleConfig) -> EpisodeSet:
 # --- splitting and sampling ---------------------------------------------------------------------------
 
 
-def split_episodes(episodes: list[Episode], eval_fraction: float, seed: int) -> tuple[list[Episode], list[Episode]]:
+def split_episodes(
+    episodes: list[Episode], eval_fraction: float, seed: int
+) -> tuple[list[Episode], list[Episode]]:
     """(train, held_out), by episode, stratified by outcome; deterministic for a seed.
 
     Each outcome with at least two episodes keeps one in each part.
@@ -441,7 +447,9 @@ def split_episodes(episodes: list[Episode], eval_fraction: float, seed: int) -> 
     train: list[Episode] = []
     held: list[Episode] = []
     for outcome in (True, False):
-        group = sorted((ep for ep in episodes if ep.success is outcome), key=lambda ep: (ep.key.dataset, ep.key.episode))
+        group = sorted(
+            (ep for ep in episodes if ep.success is outcome), key=lambda ep: (ep.key.dataset, ep.key.episode)
+        )
         order = rng.permutation(len(group))
         n_held = round(eval_fraction * len(group)) if eval_fraction > 0 else 0
         if eval_fraction > 0 and len(group) >= 2:
@@ -480,10 +488,16 @@ def completion_samples(
         end_frames = list(range(end_start, ep.length))
         if ep.success:
             early = [t for t in range(ep.length) if t / last < cfg.completion_no_before]
-            yes += [_one(Modality.COMPLETION, ep, (t,), "yes", "success_end") for t in _pick(end_frames, k, rng)]
-            no += [_one(Modality.COMPLETION, ep, (t,), "no", "success_early") for t in _pick(early, k // 2, rng)]
+            yes += [
+                _one(Modality.COMPLETION, ep, (t,), "yes", "success_end") for t in _pick(end_frames, k, rng)
+            ]
+            no += [
+                _one(Modality.COMPLETION, ep, (t,), "no", "success_early") for t in _pick(early, k // 2, rng)
+            ]
         else:
-            no += [_one(Modality.COMPLETION, ep, (t,), "no", "failure_end") for t in _pick(end_frames, k, rng)]
+            no += [
+                _one(Modality.COMPLETION, ep, (t,), "no", "failure_end") for t in _pick(end_frames, k, rng)
+            ]
     return balance_classes([yes, no], rng, balance)
 
 

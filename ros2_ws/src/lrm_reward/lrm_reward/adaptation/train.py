@@ -129,7 +129,9 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.mixed_precision != "no" and self.device == "cpu":
-            raise ValueError("mixed_precision bf16/fp16 needs a CUDA device; use mixed_precision: no on the CPU")
+            raise ValueError(
+                "mixed_precision bf16/fp16 needs a CUDA device; use mixed_precision: no on the CPU"
+            )
         self.target_modules = tuple(self.target_modules)
         self.progress_modules_to_save = tuple(self.progress_modules_to_save or ())
         if not self.target_modules:
@@ -159,9 +161,10 @@ def load_train_config(path: Path, overrides: dict | None = None) -> TrainConfig:
         if not isinstance(raw["datasets"], list):
             raise ValueError("datasets must be a list of dataset folders or {root: ..., labels: ...} entries")
         raw["datasets"] = [_dataset_spec(d, base) for d in raw["datasets"]]
-    for key in ("output_dir", "base_model"):
-        if isinstance(raw.get(key), str):
-            raw[key] = _resolve(raw[key], base, must_exist=False)
+    if isinstance(raw.get("output_dir"), str):
+        raw["output_dir"] = _resolve(raw["output_dir"], base)
+    if isinstance(raw.get("base_model"), str):
+        raw["base_model"] = _resolve(raw["base_model"], base, only_if_exists=True)
     return _build(TrainConfig, raw, "config")
 
 
@@ -181,12 +184,12 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
-def _resolve(value: str, base: Path | None, must_exist: bool) -> str:
+def _resolve(value: str, base: Path | None, only_if_exists: bool = False) -> str:
     path = Path(value).expanduser()
     if base is not None and not path.is_absolute():
         candidate = base / path
         # base_model may also be a Hub id: only treat it as relative when that folder exists
-        if not must_exist or candidate.exists():
+        if not only_if_exists or candidate.exists():
             return str(candidate)
     return str(path)
 
@@ -197,9 +200,9 @@ def _dataset_spec(entry, base: Path | None) -> S.DatasetSpec:
     if not isinstance(entry, dict) or "root" not in entry:
         raise ValueError(f"dataset entry {entry!r} needs at least 'root' (the dataset folder)")
     entry = dict(entry)
-    entry["root"] = _resolve(str(entry["root"]), base, must_exist=False)
+    entry["root"] = _resolve(str(entry["root"]), base)
     if entry.get("labels"):
-        entry["labels"] = _resolve(str(entry["labels"]), base, must_exist=False)
+        entry["labels"] = _resolve(str(entry["labels"]), base)
     return _build(S.DatasetSpec, entry, "dataset entry")
 
 
@@ -226,7 +229,9 @@ def base_fingerprint(base_model: str, local_files_only: bool = True) -> dict:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(base_model, local_files_only=local_files_only, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            base_model, local_files_only=local_files_only, trust_remote_code=False
+        )
     except Exception as exc:
         raise BaseModelMismatchError(f"cannot read the base model config from {base_model!r}: {exc}") from exc
     model_type = str(getattr(config, "model_type", ""))
@@ -276,8 +281,13 @@ def adapter_base_mismatch(adapter_dir: Path, fingerprint: dict) -> str | None:
                     f"{fingerprint['num_hidden_layers']} layers"
                 )
             in_dim = handle.get_slice(key).get_shape()[-1]
-            expected = fingerprint["intermediate_size"] if ".down_proj." in key else fingerprint["hidden_size"]
-            if any(f".{name}." in key for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+            expected = (
+                fingerprint["intermediate_size"] if ".down_proj." in key else fingerprint["hidden_size"]
+            )
+            if any(
+                f".{name}." in key
+                for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+            ):
                 if expected and in_dim != expected:
                     return f"{adapter_dir}: {key} expects input size {in_dim}, the base has {expected}"
     return None
@@ -307,7 +317,9 @@ class TrainResult:
 StepHook = Callable[[Modality, int, float], None]  # (modality, optimizer steps done, loss)
 
 
-def train(cfg: TrainConfig, restart: bool = False, on_step: StepHook | None = None, show_progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig, restart: bool = False, on_step: StepHook | None = None, show_progress: bool = True
+) -> TrainResult:
     """Train every configured modality; resumes from checkpoints unless restart. Raises TrainingError,
     samples.LabelError."""
     import torch
@@ -341,7 +353,9 @@ def train(cfg: TrainConfig, restart: bool = False, on_step: StepHook | None = No
         if not samples:
             raise TrainingError(f"no {modality.value} samples could be built from the training episodes")
         results.append(
-            _train_modality(cfg, modality, samples, episode_set, processor, fingerprint, device, on_step, show_progress)
+            _train_modality(
+                cfg, modality, samples, episode_set, processor, fingerprint, device, on_step, show_progress
+            )
         )
     return TrainResult(cfg.output_dir, results, episode_set.summary())
 
@@ -365,16 +379,28 @@ def load_processor(base_model: str, local_files_only: bool):
         raise BaseModelMismatchError(f"cannot load the processor of {base_model!r}: {exc}") from exc
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
-        raise BaseModelMismatchError(f"{base_model!r} has no multimodal processor (tokenizer + image processor)")
+        raise BaseModelMismatchError(
+            f"{base_model!r} has no multimodal processor (tokenizer + image processor)"
+        )
     if S.END_TOKEN not in tokenizer.get_vocab():
-        raise BaseModelMismatchError(f"the tokenizer of {base_model!r} has no {S.END_TOKEN} token: not a Qwen chat model")
+        raise BaseModelMismatchError(
+            f"the tokenizer of {base_model!r} has no {S.END_TOKEN} token: not a Qwen chat model"
+        )
     return processor
 
 
 def _write_split(cfg: TrainConfig, episode_set: S.EpisodeSet, train_eps, held_out) -> None:
     split = {
-        "datasets": [{"root": str(s.root), "repo_id": s.repo_id, "camera": s.camera,
-                      "labels": str(s.labels) if s.labels else None, "task": s.task} for s in cfg.datasets],
+        "datasets": [
+            {
+                "root": str(s.root),
+                "repo_id": s.repo_id,
+                "camera": s.camera,
+                "labels": str(s.labels) if s.labels else None,
+                "task": s.task,
+            }
+            for s in cfg.datasets
+        ],
         "samples": cfg.to_dict()["samples"],
         "train": [str(ep.key) for ep in train_eps],
         "held_out": [str(ep.key) for ep in held_out],
@@ -422,7 +448,9 @@ def _lora_config(cfg: TrainConfig, modality: Modality):
     )
 
 
-def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint, device, on_step, show_progress):
+def _train_modality(
+    cfg, modality, samples, episode_set, processor, fingerprint, device, on_step, show_progress
+):
     import torch
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -438,7 +466,9 @@ def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint,
             )
         if done.get("run_id") == run_id:
             log.info("%s: already trained in %s, skipping", modality.value, final_dir)
-            return ModalityResult(modality, final_dir, done["steps"], len(samples), done["final_loss"], skipped=True)
+            return ModalityResult(
+                modality, final_dir, done["steps"], len(samples), done["final_loss"], skipped=True
+            )
 
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(samples) / per_step))
@@ -479,8 +509,12 @@ def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint,
     order = SampleOrder(len(samples), cfg.seed, modality)
     episodes = episode_set.by_key()
     bar = tqdm(
-        total=total_steps, initial=start_step, desc=f"train {modality.value}", unit="step",
-        disable=not show_progress, dynamic_ncols=True,
+        total=total_steps,
+        initial=start_step,
+        desc=f"train {modality.value}",
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
     )
     loss_value = losses[-1] if losses else float("nan")
     try:
@@ -490,7 +524,9 @@ def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint,
                 for micro in range(cfg.grad_accum):
                     first = (step * cfg.grad_accum + micro) * cfg.batch_size
                     batch = [samples[i] for i in order.indices(first, cfg.batch_size)]
-                    inputs, labels = encode_batch(processor, answer_tokens, batch, episodes, episode_set.store)
+                    inputs, labels = encode_batch(
+                        processor, answer_tokens, batch, episodes, episode_set.store
+                    )
                     inputs = inputs.to(device)
                     labels = labels.to(device)
                     with autocast:
@@ -508,7 +544,9 @@ def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError as exc:
-                raise OutOfMemoryTrainingError(_oom_message(cfg, f"{modality.value} step {step + 1}")) from exc
+                raise OutOfMemoryTrainingError(
+                    _oom_message(cfg, f"{modality.value} step {step + 1}")
+                ) from exc
             if not math.isfinite(step_loss):
                 raise TrainingError(
                     f"{modality.value}: loss became {step_loss} at step {step + 1}; lower learning_rate "
@@ -520,33 +558,50 @@ def _train_modality(cfg, modality, samples, episode_set, processor, fingerprint,
             bar.set_postfix(loss=f"{step_loss:.4f}")
             done_steps = step + 1
             if done_steps % cfg.save_every == 0 and done_steps < total_steps:
-                _save_checkpoint(ckpt_root, done_steps, run_id, model, optimizer, scheduler, scaler, losses,
-                                 fingerprint, cfg.keep_checkpoints)
+                _save_checkpoint(
+                    ckpt_root,
+                    done_steps,
+                    run_id,
+                    model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    losses,
+                    fingerprint,
+                    cfg.keep_checkpoints,
+                )
             if on_step is not None:
                 on_step(modality, done_steps, step_loss)
     finally:
         bar.close()
 
-    _save_adapter(model, final_dir, modality, {
-        "schema": "lrm.adapter/1",
-        "modality": modality.value,
-        "base_model": cfg.base_model,
-        "base_fingerprint": fingerprint,
-        "run_id": run_id,
-        "steps": total_steps,
-        "samples": len(samples),
-        "class_counts": S.class_counts(samples),
-        "final_loss": loss_value,
-        "loss_curve": losses,
-        "resumed_from_step": start_step,
-        "config": cfg.to_dict(),
-    })
+    _save_adapter(
+        model,
+        final_dir,
+        modality,
+        {
+            "schema": "lrm.adapter/1",
+            "modality": modality.value,
+            "base_model": cfg.base_model,
+            "base_fingerprint": fingerprint,
+            "run_id": run_id,
+            "steps": total_steps,
+            "samples": len(samples),
+            "class_counts": S.class_counts(samples),
+            "final_loss": loss_value,
+            "loss_curve": losses,
+            "resumed_from_step": start_step,
+            "config": cfg.to_dict(),
+        },
+    )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     del model, optimizer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return ModalityResult(modality, final_dir, total_steps, len(samples), loss_value, resumed_from_step=start_step)
+    return ModalityResult(
+        modality, final_dir, total_steps, len(samples), loss_value, resumed_from_step=start_step
+    )
 
 
 class SampleOrder:
@@ -586,7 +641,9 @@ def encode_batch(processor, answer_tokens: AnswerTokens, batch: list[S.Sample], 
 
     texts, images, answers = [], [], []
     for sample in batch:
-        prompt = processor.apply_chat_template(S.chat_messages(sample), tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(
+            S.chat_messages(sample), tokenize=False, add_generation_prompt=True
+        )
         answers.append(answer_tokens.ids(sample.answer_text))
         texts.append(prompt + sample.answer_text + S.END_TOKEN)
         episode = episodes[sample.episode]
@@ -662,9 +719,15 @@ def _save_checkpoint(ckpt_root, step, run_id, model, optimizer, scheduler, scale
         tmp / "optimizer.pt",
     )
     # The state file is written last: a folder without it is an interrupted save and is ignored.
-    _write_json_atomic(tmp / "trainer_state.json", {
-        "step": step, "run_id": run_id, "losses": losses, "base_fingerprint": fingerprint,
-    })
+    _write_json_atomic(
+        tmp / "trainer_state.json",
+        {
+            "step": step,
+            "run_id": run_id,
+            "losses": losses,
+            "base_fingerprint": fingerprint,
+        },
+    )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -775,11 +838,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.dataset:
         if args.labels and len(args.dataset) != 1:
             raise ValueError("--labels goes with exactly one --dataset (use a config file for several)")
-        overrides["datasets"] = [{"root": d, "labels": str(args.labels) if args.labels else None} for d in args.dataset]
+        overrides["datasets"] = [
+            {"root": d, "labels": str(args.labels) if args.labels else None} for d in args.dataset
+        ]
     if args.config:
         return load_train_config(args.config, overrides)
-    missing = [flag for flag, key in (("--base-model", "base_model"), ("--dataset", "datasets"),
-                                      ("--output-dir", "output_dir")) if not overrides.get(key)]
+    missing = [
+        flag
+        for flag, key in (
+            ("--base-model", "base_model"),
+            ("--dataset", "datasets"),
+            ("--output-dir", "output_dir"),
+        )
+        if not overrides.get(key)
+    ]
     if missing:
         raise ValueError(f"without --config, {', '.join(missing)} are required")
     raw = {k: v for k, v in overrides.items() if v is not None}
@@ -806,8 +878,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrm-train-reward: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("lrm-train-reward: interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "lrm-train-reward: interrupted; run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     for r in result.modalities:
         state = "already trained" if r.skipped else f"{r.steps} steps, final loss {r.final_loss:.4f}"

@@ -13,17 +13,22 @@ torch / transformers / peft are imported lazily so light callers can import the 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import gc
 import logging
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lrm_reward.core import prompts
 from lrm_reward.core.types import Answer, Modality, Query, Readout
+
+if TYPE_CHECKING:
+    from lrm_reward.core.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +186,20 @@ class _Route:
 
 
 class LocalRewardEngine(RewardEngine):
-    """In-process transformers + peft backend."""
+    """In-process transformers + peft backend.
 
-    def __init__(self, cfg: EngineConfig):
+    loaded: an already prepared model (``loading.adopt_model``), e.g. random 8B-shaped weights built on the
+    GPU by the benchmark; normally None, and the model is loaded from cfg.
+    """
+
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None):
         from lrm_reward.core import loading, readouts
 
         self.cfg = cfg
         self.model_id = cfg.describe()
         self.stats = EngineStats()
         self._lock = threading.Lock()
-        self._loaded = loading.load_model(
+        self._loaded = loaded or loading.load_model(
             cfg.base_model,
             cfg.adapters,
             device=cfg.device,
@@ -244,7 +253,11 @@ class LocalRewardEngine(RewardEngine):
             except QueryError as exc:
                 answers[index] = _error_answer(query, f"bad query: {exc}")
                 continue
-            groups.setdefault(route, []).append((index, query))
+            # a copy with the modality as the enum and C-contiguous frames (flipped views are fine to pass)
+            clean = dataclasses.replace(
+                query, modality=route.modality, images=[np.ascontiguousarray(image) for image in query.images]
+            )
+            groups.setdefault(route, []).append((index, clean))
 
         # progress first, so the shared vision tower is switched as rarely as possible
         order = sorted(groups, key=lambda r: (r.adapter != "progress", str(r.adapter), r.generate))

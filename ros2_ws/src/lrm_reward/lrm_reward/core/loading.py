@@ -169,6 +169,24 @@ def load_model(
     return LoadedModel(model, proc, names, torch.device(device), torch_dtype, nonzero)
 
 
+def adopt_model(model, processor, device: str, dtype: str = "auto") -> LoadedModel:
+    """Wrap an already built model (e.g. random weights built on the GPU for a benchmark) like load_model.
+
+    A PEFT model keeps its adapters in attachment order and is verified the same way; nothing is loaded.
+    """
+    import torch
+
+    torch_dtype = resolve_dtype(dtype, device)
+    model.to(device=torch.device(device), dtype=torch_dtype)
+    model.eval()
+    names = list(getattr(model, "peft_config", {}) or {})
+    nonzero = verify_lora_b(model, names) if names else {}
+    if names:
+        model.set_adapter(names[0])
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel(model, processor, names, torch.device(device), torch_dtype, nonzero)
+
+
 def verify_lora_b(model, adapter_names: list[str]) -> dict[str, int]:
     """Count LoRA modules with a non-zero lora_B per adapter; refuse an adapter with none."""
     total = {name: 0 for name in adapter_names}

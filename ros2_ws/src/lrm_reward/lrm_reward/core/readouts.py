@@ -92,7 +92,15 @@ def prompt_text(processor, query: Query, max_task_chars: int) -> str:
 def encode_batch(processor, texts: list[str], queries: list[Query], device):
     """Left-padded model inputs for a batch of prompt texts and their images (in query order)."""
     images = [image for query in queries for image in query.images]
-    inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    # resizing/normalising on the model's device keeps the CPU out of the GPU's way
+    inputs = processor(
+        text=texts,
+        images=images,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        device=str(device),
+    )
     return inputs.to(device)
 
 

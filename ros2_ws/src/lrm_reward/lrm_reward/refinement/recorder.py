@@ -335,8 +335,8 @@ class EpisodeRecorder:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
         expected = self.state_names if kind == "state" else self.action_names
         if names is not None and len(names) and expected is not None and tuple(names) != expected:
-            arr = self._reorder(kind, arr, tuple(names), expected)
-        elif expected is not None and arr.size != len(expected):
+            arr = self._reorder(kind, arr, tuple(names), expected)  # picks the recorded joints by name
+        if expected is not None and arr.size != len(expected):
             ep.counters[f"bad_{kind}s"] += 1
             raise ValueError(
                 f"{kind} has {arr.size} values, this recording expects {len(expected)}"

@@ -223,6 +223,63 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
         return RefineResult(version, cfg.promote, metadata["parent"], selection, losses, report_path)
 
 
+def import_checkpoint(
+    store_root: Path, policy_name: str, checkpoint: Path, promote: bool = True
+) -> PolicyVersion:
+    """Add a policy trained elsewhere (a lerobot `pretrained_model` folder) as the store's next version.
+
+    The copy is loaded with lerobot before it is committed; a folder lerobot cannot load is refused.
+    """
+    import shutil
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise CorruptCheckpointError(
+            f"{checkpoint} is not a lerobot pretrained_model folder (no config.json)"
+        )
+    store = PolicyStore(store_root, policy_name)
+    with store:
+        store.clean_staging()
+        staging = store.new_staging_dir()
+        shutil.copytree(checkpoint, staging, dirs_exist_ok=True)
+        probe = PolicyVersion(policy_name, "import", staging)
+        try:
+            from lerobot.configs.policies import PreTrainedConfig
+            from lerobot.policies.factory import get_policy_class
+
+            cfg = PreTrainedConfig.from_pretrained(staging)
+            get_policy_class(cfg.type).from_pretrained(staging, config=cfg)
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{checkpoint}: lerobot cannot load it: {exc}") from exc
+        metadata = {
+            "schema": "lrm.policy_version/1",
+            "created_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "refine_version": REFINE_VERSION,
+            "parent": None,
+            "imported_from": str(checkpoint.resolve()),
+            "policy_type": cfg.type,
+            "datasets": {},
+            "losses": [],
+        }
+        version = store.commit(probe.path, metadata)
+        if promote:
+            store.promote(version)
+        store.append_history(
+            {
+                "run_at": metadata["created_at"],
+                "version": version.version,
+                "parent": None,
+                "promoted": promote,
+                "kept": 0,
+                "rejected": 0,
+                "demos": 0,
+                "final_loss": None,
+                "imported_from": metadata["imported_from"],
+            }
+        )
+        return version
+
+
 def _load_or_build(cfg: RefineConfig, parent: PolicyVersion | None, selection: Selection):
     if parent is not None and not cfg.from_scratch:
         policy, pre, post, policy_cfg = load_policy(parent, cfg.device)
@@ -385,6 +442,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON object of config fields for --from-scratch, e.g. chunk_size",
     )
+    p.add_argument(
+        "--import-checkpoint",
+        default=None,
+        help="add a lerobot pretrained_model folder as a new version, then exit",
+    )
     p.add_argument("--no-promote", action="store_true", help="write the version but keep `current`")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -394,6 +456,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.import_checkpoint:
+        try:
+            version = import_checkpoint(
+                Path(args.store), args.policy, Path(args.import_checkpoint), not args.no_promote
+            )
+        except (StoreBusyError, CorruptCheckpointError, OSError) as exc:
+            print(f"lrm-refine: {exc}", file=sys.stderr)
+            return 1
+        print(f"imported {args.import_checkpoint} as {version.ref}")
+        return 0
     try:
         cfg = RefineConfig(
             store_root=Path(args.store),

@@ -313,7 +313,9 @@ class RefinementNode(Node):
             )
             from lrm_reward.refinement.data_root import resolve_inside
 
-            resolve_inside(self.data_root, req.dataset)  # refuse before loading any model
+            target = resolve_inside(self.data_root, req.dataset)  # refuse before loading any model
+            if not (target / "meta" / "info.json").exists():
+                raise DatasetNotFoundError(f"no recorded dataset at {target}")
             engine = self._judge_engine()
             episodes = None if req.episode_index < 0 else [req.episode_index]
             run = judge_dataset(
