@@ -7,7 +7,7 @@ What it is not: a test (no assertions) and not a quality measure (random or toy 
 
 Runs without ROS, lerobot, network or downloaded weights:
     python benchmarks/bench_engine.py                 # --tiny on the CPU (default), ~1-2 min on 2 cores
-    python benchmarks/bench_engine.py --shape 8b      # Qwen3-VL-8B shape, random bf16 weights, r=64 LoRA, CUDA
+    python benchmarks/bench_engine.py --shape 8b      # Qwen3-VL-8B shape, random bf16, r=64 LoRA, CUDA
     python benchmarks/bench_engine.py --shape 8b --cot   # adds the 256-token chain-of-thought row
     python benchmarks/bench_engine.py --shape 8b --smoke # same code path at toy width, to check it on a CPU
 
@@ -25,7 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(_name, _value)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ros2_ws" / "src" / "lrm_reward"))
 
@@ -72,12 +76,28 @@ QWEN3_VL_8B_VISION = dict(
     hidden_act="gelu_pytorch_tanh",
 )
 # --smoke: the same construction at toy width (vocab kept), so the 8B code path can be checked on a CPU.
-SMOKE_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4],
-                                   "mrope_interleaved": True})
-SMOKE_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                    deepstack_visual_indexes=[0, 1])
+SMOKE_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [8, 4, 4],
+        "mrope_interleaved": True,
+    },
+)
+SMOKE_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    deepstack_visual_indexes=[0, 1],
+)
 
 
 def frames(rng: np.random.Generator, n: int) -> list[np.ndarray]:
@@ -135,7 +155,7 @@ def build_8b_engine(smoke: bool, device: str, r: int) -> LocalRewardEngine:
                 param.normal_(0.0, 1e-3)
     cfg = EngineConfig(
         base_model="Qwen3-VL-8B-shaped (random weights)" + (" smoke" if smoke else ""),
-        adapters={m.value: "random r=%d" % r for m in tiny_model.ADAPTER_ORDER},
+        adapters={m.value: f"random r={r}" for m in tiny_model.ADAPTER_ORDER},
         device=device,
         dtype="float32" if device == "cpu" else "bfloat16",
         max_batch_size=64,
@@ -182,11 +202,15 @@ def measure(engine, queries: list[Query], repeats: int, warmup: int) -> dict:
 def run(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shape == "8b" and not args.smoke and not device.startswith("cuda"):
-        sys.exit("--shape 8b needs a CUDA device (about 20 GB of bf16 weights); use --smoke to check on a CPU")
+        sys.exit(
+            "--shape 8b needs a CUDA device (about 20 GB of bf16 weights); use --smoke to check on a CPU"
+        )
     if device == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    engine = build_8b_engine(args.smoke, device, args.rank) if args.shape == "8b" else build_tiny_engine(device)
+    engine = (
+        build_8b_engine(args.smoke, device, args.rank) if args.shape == "8b" else build_tiny_engine(device)
+    )
     load_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     small = args.shape == "tiny" or args.smoke
@@ -197,12 +221,14 @@ def run(args) -> None:
         rows.append(("logits", "progress", batch, make_queries(Modality.PROGRESS, batch, rng), None))
     rows.append(("generate 16 tok", "progress", 1, make_queries(Modality.PROGRESS, 1, rng), 16))
     if args.cot:
-        rows.append(("CoT 256 tok", "contrastive", 1, make_queries(Modality.CONTRASTIVE, 1, rng, cot=True), 256))
+        rows.append(
+            ("CoT 256 tok", "contrastive", 1, make_queries(Modality.CONTRASTIVE, 1, rng, cot=True), 256)
+        )
 
     print(f"# engine benchmark: {engine.model_id}")
     print(f"# device: {describe_device(device)}; torch {torch.__version__}; load/build {load_s:.1f} s")
     print(f"# progress prompt: {prompt_tokens(engine, rows[0][3][0])} tokens with two 640x480 frames")
-    print("| readout | modality | batch | queries/s | p50 batch latency (ms) | p95 batch latency (ms) | unparsed |")
+    print("| readout | modality | batch | queries/s | p50 batch (ms) | p95 batch (ms) | unparsed |")
     print("|---|---|---|---|---|---|---|")
     for name, modality, batch, queries, new_tokens in rows:
         engine.cfg.readout = Readout.GENERATE if new_tokens else Readout.LOGITS
@@ -229,18 +255,23 @@ def prompt_tokens(engine: LocalRewardEngine, query: Query) -> int:
 def describe_device(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    arch = platform.processor() or platform.machine()
+    return f"CPU ({arch}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model built offline (the default)")
     parser.add_argument("--shape", choices=("tiny", "8b"), default="tiny", help="model shape")
     parser.add_argument("--smoke", action="store_true", help="with --shape 8b: toy width, runs on a CPU")
     parser.add_argument("--cot", action="store_true", help="add the 256-token chain-of-thought row")
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="logits batch sizes")
-    parser.add_argument("--repeats", type=int, default=0, help="timed calls per row (default 10 small / 20 8b)")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="timed calls per row (default 10 small / 20 8b)"
+    )
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the random 8B adapters")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()

@@ -30,8 +30,9 @@ def trained(tiny_lrm, tmp_path_factory):
         f"base_model: {tiny_lrm.base}\n"
         "datasets: [episodes]\n"
         "output_dir: adapters\n"
-        "samples: {eval_fraction: 0.25, seed: 0, contrastive_per_episode: 6, voc_frames: 8}\n"
+        "samples: {eval_fraction: 0.25, seed: 0, contrastive_per_episode: 6, contrastive_min_gap: 0.4, voc_frames: 8}\n"
         "max_steps: 24\nbatch_size: 8\nlearning_rate: 0.005\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.0\n"
+        "per_modality: {contrastive: {max_steps: 40, learning_rate: 0.01}}\n"
         "device: cpu\nseed: 0\n"
     )
     assert T.main(["--config", str(config), "--quiet"]) == 0

@@ -96,7 +96,7 @@ def test_adapters_change_the_answers(tiny_lrm, logits_engine):
         plain = base_only.score(queries)
     adapted = logits_engine.score(queries)
     assert all(a.parsed for a in plain)
-    diffs = [abs(a.value - b.value) for a, b in zip(plain, adapted)]
+    diffs = [abs(a.value - b.value) for a, b in zip(plain, adapted, strict=True)]
     assert max(diffs) > 1e-3
 
 
@@ -158,7 +158,7 @@ def test_merged_checkpoint_answers_like_base_plus_adapter(tiny_lrm, tmp_path, lo
         assert engine.adapter_names == []
         from_merged = engine.score(queries)
     from_adapter = logits_engine.score(queries)
-    for a, b in zip(from_merged, from_adapter):
+    for a, b in zip(from_merged, from_adapter, strict=True):
         assert a.value == pytest.approx(b.value, abs=1e-4)
 
 
@@ -170,7 +170,7 @@ def test_dtype_and_attention_are_configurable(tiny_lrm, logits_engine):
         assert engine.model.get_base_model().config._attn_implementation == "eager"
         assert next(engine.model.parameters()).dtype == torch.float32
         eager = engine.score(queries)
-    for a, b in zip(eager, reference):
+    for a, b in zip(eager, reference, strict=True):
         assert a.value == pytest.approx(b.value, abs=1e-4)
     with make_engine(EngineConfig(str(tiny_lrm.base), dtype="bfloat16")) as engine:
         assert next(engine.model.parameters()).dtype == torch.bfloat16
@@ -184,13 +184,17 @@ def test_both_readouts_agree_on_argmax(logits_engine, generate_engine):
     queries = _queries()
     scored = logits_engine.score(queries)
     generated = generate_engine.score(queries)
-    for query, a, g in zip(queries, scored, generated):
+    for query, a, g in zip(queries, scored, generated, strict=True):
         assert g.parsed, g.raw_text
-        label = {P: lambda v: f"{v:.1f}", C: lambda v: "ImageB" if v > 0 else "ImageA", K: lambda v: "yes" if v else "no"}
+        label = {
+            P: lambda v: f"{v:.1f}",
+            C: lambda v: "ImageB" if v > 0 else "ImageA",
+            K: lambda v: "yes" if v else "no",
+        }
         assert _argmax(a) == label[query.modality](g.value), (query.modality, a.probabilities, g.raw_text)
     # the agreement means something: the tiny model's answers depend on the frames
     for modality in (P, C, K):
-        winners = {_argmax(a) for q, a in zip(queries, scored) if q.modality is modality}
+        winners = {_argmax(a) for q, a in zip(queries, scored, strict=True) if q.modality is modality}
         assert len(winners) >= 2, modality
 
 
@@ -222,7 +226,9 @@ def test_candidate_scores_match_full_forward_passes(logits_engine):
     with torch.inference_mode():
         for label in fast:
             inputs = processor(text=[prefix + label], images=query.images, return_tensors="pt")
-            n_label = len(inputs["input_ids"][0]) - len(processor(text=[prefix], images=query.images)["input_ids"][0])
+            n_label = len(inputs["input_ids"][0]) - len(
+                processor(text=[prefix], images=query.images)["input_ids"][0]
+            )
             logprobs = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
             ids = inputs["input_ids"][0]
             total = len(ids)
@@ -240,7 +246,9 @@ def test_trie_shares_prefixes(logits_engine):
 
 
 def test_chain_of_thought_decodes_even_with_logits_readout(tiny_lrm):
-    cfg = EngineConfig(str(tiny_lrm.base), _adapters(tiny_lrm, ("contrastive",)), max_new_tokens={"contrastive": 24})
+    cfg = EngineConfig(
+        str(tiny_lrm.base), _adapters(tiny_lrm, ("contrastive",)), max_new_tokens={"contrastive": 24}
+    )
     rng = np.random.default_rng(3)
     query = _query(C, 0.8, rng)
     query.chain_of_thought = True
@@ -252,7 +260,9 @@ def test_chain_of_thought_decodes_even_with_logits_readout(tiny_lrm):
 
 
 def test_output_without_json_is_unparsed_with_raw_text(tiny_lrm):
-    cfg = EngineConfig(str(tiny_lrm.base), _adapters(tiny_lrm), readout="generate", max_new_tokens={"progress": 2})
+    cfg = EngineConfig(
+        str(tiny_lrm.base), _adapters(tiny_lrm), readout="generate", max_new_tokens={"progress": 2}
+    )
     with make_engine(cfg) as engine:
         answer = engine.score([_query(P, 0.5, np.random.default_rng(0))])[0]
         assert engine.stats.unparsed == 1
@@ -278,7 +288,7 @@ def test_batched_equals_one_by_one(logits_engine, generate_engine):
     for engine in (logits_engine, generate_engine):
         together = engine.score(queries)
         alone = [engine.score([q])[0] for q in queries]
-        for q, a, b in zip(queries, together, alone):
+        for q, a, b in zip(queries, together, alone, strict=True):
             assert a.modality is q.modality
             assert a.value == pytest.approx(b.value, abs=1e-4)
             if engine is generate_engine:
@@ -366,7 +376,9 @@ def test_string_modality_and_flipped_frames_are_accepted(logits_engine):
 
 def test_missing_adapter_for_modality_is_an_error_answer(tiny_lrm):
     with make_engine(EngineConfig(str(tiny_lrm.base), _adapters(tiny_lrm, ("completion",)))) as engine:
-        answers = engine.score([_query(P, 0.5, np.random.default_rng(0)), _query(K, 0.5, np.random.default_rng(0))])
+        answers = engine.score(
+            [_query(P, 0.5, np.random.default_rng(0)), _query(K, 0.5, np.random.default_rng(0))]
+        )
     assert "no 'progress' adapter" in answers[0].error
     assert answers[1].parsed
 

@@ -65,7 +65,7 @@ def test_progress_unparsed(text):
             "json",
         ),
         ('"more_complete_image": "Image A"', -1.0, "regex"),  # spaced label in the key's value
-        ('more_complete_image: ImageB, because', 1.0, "regex"),
+        ("more_complete_image: ImageB, because", 1.0, "regex"),
         ("ImageB looks closer at first, but on reflection ImageA is further along.", -1.0, "last_occurrence"),
         ('{ "more_complete_image": "selected_value" } ImageB', 1.0, "last_occurrence"),
     ],
@@ -77,7 +77,9 @@ def test_contrastive_outputs(text, value, method):
     assert result.label in ("ImageA", "ImageB")
 
 
-@pytest.mark.parametrize("text", ["", "Image A and Image B look the same.", '{ "more_complete_image": "both" }'])
+@pytest.mark.parametrize(
+    "text", ["", "Image A and Image B look the same.", '{ "more_complete_image": "both" }']
+)
 def test_contrastive_unparsed(text):
     result = parse_answer(C, text)
     assert not result.parsed and result.value is None and result.error

@@ -8,16 +8,20 @@ from lrm_reward.core.types import Modality
 
 def test_progress_prompt_has_released_wording():
     text = prompts.fill_template(prompts.PROGRESS_PROMPT, "put the carrot on the plate")
-    assert text.startswith("Task: Estimate the completion progress.\nThe task is: put the carrot on the plate\n")
+    assert text.startswith(
+        "Task: Estimate the completion progress.\nThe task is: put the carrot on the plate\n"
+    )
     assert "- Initial observation: <image>\n- Current observation: <image>\n\n" in text
     assert "[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]" in text
     assert "- 0.1 - 0.9: Intermediate progress steps (assess how close to completion)." in text
-    assert text.endswith('Output your answer in the following JSON format:\n{ "completion_progress": selected_value }')
+    assert text.endswith(
+        'Output your answer in the following JSON format:\n{ "completion_progress": selected_value }'
+    )
 
 
 def test_progress_without_initial_frame_drops_only_that_line():
     with_initial = prompts.PROGRESS_PROMPT.replace("- Initial observation: <image>\n", "")
-    assert prompts.PROGRESS_PROMPT_NO_INITIAL == with_initial
+    assert with_initial == prompts.PROGRESS_PROMPT_NO_INITIAL
     assert prompts.template_for(Modality.PROGRESS, 1) is prompts.PROGRESS_PROMPT_NO_INITIAL
     assert prompts.template_for(Modality.PROGRESS, 2) is prompts.PROGRESS_PROMPT
 
@@ -42,8 +46,10 @@ def test_contrastive_keeps_both_later_observation_lines_and_task_period():
 def test_completion_prompt_wording():
     text = prompts.fill_template(prompts.COMPLETION_PROMPT, "close the lid")
     assert text.startswith("Task: Whether the task has been completed.\n\nThe task is: close the lid\n")
-    assert text.endswith('Has the task been completed?\nOutput your answer in the following JSON format:\n'
-                         '{ "task_completed": "yes" or "no" }')
+    assert text.endswith(
+        "Has the task been completed?\nOutput your answer in the following JSON format:\n"
+        '{ "task_completed": "yes" or "no" }'
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,7 +123,9 @@ def test_bad_task_text_is_refused(task, message):
         prompts.build_messages(Modality.COMPLETION, task, 1)
 
 
-@pytest.mark.parametrize("modality, n", [(Modality.PROGRESS, 3), (Modality.CONTRASTIVE, 1), (Modality.COMPLETION, 2)])
+@pytest.mark.parametrize(
+    "modality, n", [(Modality.PROGRESS, 3), (Modality.CONTRASTIVE, 1), (Modality.COMPLETION, 2)]
+)
 def test_wrong_image_count_is_refused(modality, n):
     with pytest.raises(prompts.PromptError, match="takes"):
         prompts.build_messages(modality, "task", n)

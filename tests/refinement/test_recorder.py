@@ -330,3 +330,13 @@ def test_disk_full_stops_with_a_clear_error_and_keeps_earlier_episodes(tmp_path)
     assert result["save"]["status"] == "storage_error"
     assert "disk full" in result["save"]["message"] and "intact" in result["save"]["message"]
     assert result["after"] == {"episodes": 1, "frames": 15, "task": "task 0"}
+
+
+def test_video_codec_is_configurable(tmp_path):
+    rec = make_recorder(tmp_path, video_codec="h264")
+    rec.start("h264")
+    feed_episode(rec, 0.0, 1.0)
+    assert rec.stop().status is SaveStatus.SAVED
+    ds = load(tmp_path)
+    assert ds.meta.features["observation.images.front"]["info"]["video.codec"] in ("h264", "avc1")
+    assert ds[3]["observation.images.front"].shape == (3, 48, 64)

@@ -48,6 +48,8 @@ ADAPTER_LAYOUT = tuple(m.value for m in (Modality.PROGRESS, Modality.CONTRASTIVE
 # tower's attention is a fused qkv, so these names do not reach it).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "lrm_adapter.json"
+PER_MODALITY_KEYS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "lora_r",
+                     "lora_alpha", "lora_dropout", "weight_decay")
 SPLIT_FILE = "split.json"
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR_RE = re.compile(r"^step-(\d{6,})$")
@@ -94,6 +96,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
+    # per-modality changes of the optimisation settings, e.g. {"contrastive": {"max_steps": 80}}
+    per_modality: dict[str, dict] = field(default_factory=dict)
     attn_implementation: str | None = None
     local_files_only: bool = True
 
@@ -136,6 +140,19 @@ class TrainConfig:
         self.progress_modules_to_save = tuple(self.progress_modules_to_save or ())
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        self.per_modality = dict(self.per_modality or {})
+        for name, changes in self.per_modality.items():
+            if name not in ADAPTER_LAYOUT:
+                raise ValueError(f"per_modality: {name!r} is not a modality ({list(ADAPTER_LAYOUT)})")
+            if not isinstance(changes, dict) or set(changes) - set(PER_MODALITY_KEYS):
+                raise ValueError(f"per_modality.{name}: only {list(PER_MODALITY_KEYS)} can change per modality")
+            # validate the changed values with the same rules
+            dataclasses.replace(self, per_modality={}, **changes)
+
+    def for_modality(self, modality: Modality) -> TrainConfig:
+        """This config with the per-modality changes of one modality applied."""
+        changes = self.per_modality.get(modality.value)
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:
         def plain(value):

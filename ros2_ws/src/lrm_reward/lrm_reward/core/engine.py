@@ -70,7 +70,9 @@ class EngineConfig:
         try:
             self.readout = Readout(self.readout)
         except ValueError as exc:
-            raise ValueError(f"readout must be one of {[r.value for r in Readout]}, got {self.readout!r}") from exc
+            raise ValueError(
+                f"readout must be one of {[r.value for r in Readout]}, got {self.readout!r}"
+            ) from exc
         if self.adapters is not None:
             if not isinstance(self.adapters, dict) or not self.adapters:
                 raise ValueError("adapters must be a non-empty dict of modality -> folder, or None")
@@ -265,10 +267,13 @@ class LocalRewardEngine(RewardEngine):
             items = groups[route]
             for start in range(0, len(items), self.cfg.max_batch_size):
                 chunk = items[start : start + self.cfg.max_batch_size]
-                for (index, _), answer in zip(chunk, self._run_chunk(route, chunk)):
+                for (index, _), answer in zip(chunk, self._run_chunk(route, chunk), strict=True):
                     answers[index] = answer
 
-        done = [a if a is not None else _error_answer(q, "not scored") for a, q in zip(answers, queries)]
+        done = [
+            a if a is not None else _error_answer(q, "not scored")
+            for a, q in zip(answers, queries, strict=True)
+        ]
         self.stats.queries += len(done)
         self.stats.unparsed += sum(1 for a in done if not a.parsed)
         self.stats.errors += sum(1 for a in done if a.error and a.value is None)
@@ -309,7 +314,9 @@ class LocalRewardEngine(RewardEngine):
             return [_error_answer(q, f"CUDA out of memory at batch size 1: {exc}") for q in queries]
         except Exception as exc:  # one bad query must not take its batch (or the caller) down
             if len(items) > 1:
-                log.warning("batch of %d failed (%s: %s): retrying one by one", len(items), type(exc).__name__, exc)
+                log.warning(
+                    "batch of %d failed (%s: %s): retrying one by one", len(items), type(exc).__name__, exc
+                )
                 return [answer for item in items for answer in self._run_chunk(route, [item])]
             log.exception("query failed")
             return [_error_answer(queries[0], f"{type(exc).__name__}: {exc}")]
@@ -376,4 +383,3 @@ def make_engine(cfg: EngineConfig) -> RewardEngine:
     if factory is None:
         raise ValueError(f"unknown engine backend {cfg.backend!r}; available: {available_backends()}")
     return factory(cfg)
-

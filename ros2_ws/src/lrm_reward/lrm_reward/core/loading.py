@@ -66,7 +66,7 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def resolve_adapter_folder(spec: str, local_files_only: bool) -> Path:
-    """A local folder, or a Hub "owner/repo/subfolder" fetched (or found in the cache) with huggingface_hub."""
+    """A local folder, or a Hub "owner/repo/subfolder" fetched (or found in the cache) by huggingface_hub."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -84,7 +84,9 @@ def resolve_adapter_folder(spec: str, local_files_only: bool) -> Path:
         )
     except Exception as exc:
         hint = " (local_files_only=True: download it first or allow the Hub)" if local_files_only else ""
-        raise ModelLoadError(f"adapter {spec!r} is neither a local folder nor available from the Hub{hint}: {exc}")
+        raise ModelLoadError(
+            f"adapter {spec!r} is neither a local folder nor available from the Hub{hint}: {exc}"
+        ) from exc
     folder = Path(root) / subfolder if subfolder else Path(root)
     if not folder.is_dir():
         raise ModelLoadError(f"adapter {spec!r}: subfolder {subfolder!r} not in the downloaded repository")
@@ -201,7 +203,9 @@ def verify_lora_b(model, adapter_names: list[str]) -> dict[str, int]:
                 nonzero[name] += int(bool(lora_b[name].weight.detach().ne(0).any()))
     for name in adapter_names:
         if total[name] == 0:
-            raise ModelLoadError(f"adapter {name!r} attached no LoRA modules: its target_modules match nothing")
+            raise ModelLoadError(
+                f"adapter {name!r} attached no LoRA modules: its target_modules match nothing"
+            )
         if nonzero[name] == 0:
             raise ModelLoadError(
                 f"adapter {name!r}: every lora_B weight ({total[name]} modules) is zero, so the base model "
@@ -209,7 +213,9 @@ def verify_lora_b(model, adapter_names: list[str]) -> dict[str, int]:
                 "with device_map, or a broken adapter file)"
             )
         if nonzero[name] < total[name]:
-            log.warning("adapter %r: %d of %d lora_B weights are zero", name, total[name] - nonzero[name], total[name])
+            log.warning(
+                "adapter %r: %d of %d lora_B weights are zero", name, total[name] - nonzero[name], total[name]
+            )
     return nonzero
 
 
@@ -221,12 +227,16 @@ def _load_base(spec: str, torch_dtype, attn_implementation: str | None, local_fi
         raise ModelLoadError(f"base model folder not found: {spec}")
     location = str(path) if path.is_dir() else spec
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=local_files_only, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            location, local_files_only=local_files_only, trust_remote_code=False
+        )
     except Exception as exc:
         hint = " (local_files_only=True: download it first or allow the Hub)" if local_files_only else ""
         raise ModelLoadError(f"cannot read the base model config from {spec!r}{hint}: {exc}") from exc
     if not str(getattr(config, "model_type", "")).startswith("qwen3_vl"):
-        log.warning("base model %r is %r, not Qwen3-VL: prompts and adapters assume Qwen3-VL", spec, config.model_type)
+        log.warning(
+            "base model %r is %r, not Qwen3-VL: prompts and adapters assume Qwen3-VL", spec, config.model_type
+        )
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype,
         use_safetensors=True,  # never unpickle .bin weights
@@ -239,7 +249,9 @@ def _load_base(spec: str, torch_dtype, attn_implementation: str | None, local_fi
     try:
         return AutoModelForImageTextToText.from_pretrained(location, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the base model from {spec!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the base model from {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _load_processor(spec: str, local_files_only: bool):
@@ -248,7 +260,9 @@ def _load_processor(spec: str, local_files_only: bool):
     path = Path(spec).expanduser()
     location = str(path) if path.is_dir() else spec
     try:
-        proc = AutoProcessor.from_pretrained(location, local_files_only=local_files_only, trust_remote_code=False)
+        proc = AutoProcessor.from_pretrained(
+            location, local_files_only=local_files_only, trust_remote_code=False
+        )
     except Exception as exc:
         raise ModelLoadError(f"cannot load the processor from {spec!r}: {type(exc).__name__}: {exc}") from exc
     if getattr(proc, "tokenizer", None) is None or getattr(proc, "image_processor", None) is None:
@@ -274,7 +288,12 @@ def _attach_adapters(model, adapters: dict[str, str], local_files_only: bool):
         try:
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(
-                    model, str(folder), adapter_name=name, config=config, is_trainable=False, torch_device="cpu"
+                    model,
+                    str(folder),
+                    adapter_name=name,
+                    config=config,
+                    is_trainable=False,
+                    torch_device="cpu",
                 )
                 result = None
             else:
@@ -286,6 +305,8 @@ def _attach_adapters(model, adapters: dict[str, str], local_files_only: bool):
             ) from exc
         unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
         if unexpected:
-            raise ModelLoadError(f"adapter {name!r} has weights the base model has no place for: {unexpected[:3]}")
+            raise ModelLoadError(
+                f"adapter {name!r} has weights the base model has no place for: {unexpected[:3]}"
+            )
         names.append(name)
     return peft_model, names

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from lrm_reward.core import parsing, prompts
-from lrm_reward.core.types import Answer, Modality, Query
+from lrm_reward.core.types import Answer, Query
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ def build_candidate_trie(tokenizer, answer_prefix: str, answers: dict[str, float
         for k in range(1, len(path)):
             nodes.setdefault(path[:k], len(nodes))
     ordered = sorted(nodes, key=nodes.get)
-    visible = tuple(tuple(ordered[i][: len(ordered[j])] == ordered[j] for j in range(len(ordered))) for i in range(len(ordered)))
+    visible = tuple(
+        tuple(ordered[i][: len(ordered[j])] == ordered[j] for j in range(len(ordered)))
+        for i in range(len(ordered))
+    )
     width = max(len(p) for p in paths)
     source, token, valid = [], [], []
     for path in paths:
@@ -237,7 +240,7 @@ def generate_answers(
     latency = time.perf_counter() - start
 
     answers = []
-    for query, text in zip(queries, decoded):
+    for query, text in zip(queries, decoded, strict=True):
         raw = prefix + text
         result = parsing.parse_answer(query.modality, raw)
         answers.append(

@@ -80,7 +80,11 @@ def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
     adapters = {m.value: root / m.value for m in ADAPTER_ORDER}
     marker = root / _MARKER
     expected = {"version": TINY_FORMAT_VERSION, "seed": seed}
-    if marker.is_file() and _read_json(marker) == expected and all(p.is_dir() for p in [base, *adapters.values()]):
+    if (
+        marker.is_file()
+        and _read_json(marker) == expected
+        and all(p.is_dir() for p in [base, *adapters.values()])
+    ):
         return TinyLrm(base=base, adapters=adapters)
 
     import torch
@@ -112,10 +116,9 @@ def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
 
 def build_tiny_tokenizer():
     """A byte-level BPE with Qwen's pre-tokenizer (digits one at a time) and Qwen's special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from tokenizers import Regex
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -247,13 +250,17 @@ def synthetic_frame(level: float, rng: np.random.Generator, size: tuple[int, int
     return np.clip(base + noise + tint, 0, 255).astype(np.uint8)
 
 
-def synthetic_example(modality: Modality, rng: np.random.Generator) -> tuple[list[dict], list[np.ndarray], str]:
+def synthetic_example(
+    modality: Modality, rng: np.random.Generator
+) -> tuple[list[dict], list[np.ndarray], str]:
     """(messages, images, answer text) for one made-up query; answers follow frame brightness."""
     task = TINY_TASKS[int(rng.integers(len(TINY_TASKS)))]
     level = int(rng.integers(11)) / 10
     if modality is Modality.PROGRESS:
         current = synthetic_frame(level, rng)
-        images = [synthetic_frame(float(rng.uniform(0.0, 0.1)), rng), current] if rng.random() < 0.8 else [current]
+        images = (
+            [synthetic_frame(float(rng.uniform(0.0, 0.1)), rng), current] if rng.random() < 0.8 else [current]
+        )
         answer = f"{prompts.PROGRESS_ANSWER_PREFIX}{level:.1f} }}"
     elif modality is Modality.CONTRASTIVE:
         other = int(rng.integers(11)) / 10
@@ -268,7 +275,9 @@ def synthetic_example(modality: Modality, rng: np.random.Generator) -> tuple[lis
     return messages, images, answer
 
 
-def teach_answer_format(model, processor, rng: np.random.Generator, steps: int = 120, batch: int = 12) -> None:
+def teach_answer_format(
+    model, processor, rng: np.random.Generator, steps: int = 120, batch: int = 12
+) -> None:
     """Fine-tune the whole tiny model briefly so it answers each prompt with its JSON format.
 
     Loss only on the answer tokens (+ <|im_end|>); left padding puts them at the end of every row.
@@ -279,11 +288,12 @@ def teach_answer_format(model, processor, rng: np.random.Generator, steps: int =
     end = "<|im_end|>"
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
     model.train()
-    modalities = list(ADAPTER_ORDER)
+    # progress (eleven values) is the hardest to learn: it gets half of every batch
+    modalities = [Modality.PROGRESS, Modality.CONTRASTIVE, Modality.PROGRESS, Modality.COMPLETION]
     for _ in range(steps):
         texts, images, answer_lengths = [], [], []
         for i in range(batch):
-            messages, frames, answer = synthetic_example(modalities[i % 3], rng)
+            messages, frames, answer = synthetic_example(modalities[i % len(modalities)], rng)
             prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             texts.append(prompt + answer + end)
             images.extend(frames)
@@ -402,7 +412,8 @@ def _tokenizer_corpus() -> list[str]:
         prompts.COMPLETION_PROMPT,
         *TINY_TASKS,
         "user assistant system",
-        '{ "completion_progress": 0.0 } { "more_complete_image": "ImageA" } { "more_complete_image": "ImageB" }',
+        '{ "completion_progress": 0.0 }',
+        '{ "more_complete_image": "ImageA" } { "more_complete_image": "ImageB" }',
         '{ "task_completed": "yes" } { "task_completed": "no" }',
         "The robot gripper moved closer to the object, so Image B shows more progress than Image A.",
         "0 1 2 3 4 5 6 7 8 9 . , : ; ! ? ' \" ( ) [ ] { } - _ / \\ = + * < > | # @ & % $ ~ ` ^",

@@ -101,6 +101,9 @@ class RecorderConfig:
     spool_to_disk: bool = True  # False keeps raw frames in RAM
     image_writer_threads: int = 2  # PNG writer threads used while saving (lerobot)
     rewards: bool = True  # add the reward.* features
+    video_codec: str = "libsvtav1"  # lerobot's default (AV1); or h264, hevc, *_nvenc, ... (lerobot list)
+    video_crf: int | None = None  # None: lerobot's default quality for the codec
+    video_preset: str | None = None  # None: lerobot's default for the codec
 
     def __post_init__(self) -> None:
         self.data_root = Path(self.data_root)
@@ -496,6 +499,7 @@ class EpisodeRecorder:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         repo_id = f"{REPO_PREFIX}/{root.name}"
+        encoder = self._video_encoder()
         journal = DatasetJournal(root)
         journal.begin(note=f"episode {sidecar['episode_index']}")
         ds = None
@@ -506,6 +510,7 @@ class EpisodeRecorder:
                     root=root,
                     video_backend="pyav",
                     image_writer_threads=self.cfg.image_writer_threads,
+                    rgb_encoder=encoder,
                 )
                 _check_features(root, ds.meta.features, features)
             else:
@@ -518,6 +523,7 @@ class EpisodeRecorder:
                     use_videos=self.cfg.use_videos,
                     video_backend="pyav",
                     image_writer_threads=self.cfg.image_writer_threads,
+                    rgb_encoder=encoder,
                 )
             if ds.meta.total_episodes != sidecar["episode_index"]:
                 raise RuntimeError(
@@ -534,6 +540,18 @@ class EpisodeRecorder:
             journal.recover()
             raise
         journal.commit()
+
+    def _video_encoder(self):
+        if not self.cfg.use_videos:
+            return None
+        from lerobot.configs.video import RGBEncoderConfig
+
+        kwargs: dict = {"vcodec": self.cfg.video_codec}
+        if self.cfg.video_crf is not None:
+            kwargs["crf"] = self.cfg.video_crf
+        if self.cfg.video_preset is not None:
+            kwargs["preset"] = self.cfg.video_preset
+        return RGBEncoderConfig(**kwargs)
 
     def _sidecar(
         self, ep: _Episode, outcome: EpisodeOutcome, notes: str, plan: ResamplePlan, required

@@ -99,6 +99,7 @@ class RefinementNode(Node):
             ),
             robot_type=p("robot_type", "", "stored in the dataset info") or None,
             use_videos=p("use_videos", True, "store cameras as video (encoded at stop)"),
+            video_codec=p("video_codec", "libsvtav1", "lerobot video codec: libsvtav1, h264, hevc, ..."),
             max_gap_s=p("max_gap_s", 0.5, "[s] a stream silent longer than this is a dropout (partial)"),
             on_gap=p("on_gap", "truncate", "truncate | hold: what a dropout does to the episode"),
             spool_to_disk=p("spool_to_disk", True, "spool raw frames to disk while recording"),
