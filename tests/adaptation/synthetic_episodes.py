@@ -58,13 +58,19 @@ def write_block_dataset(
 
     rng = np.random.default_rng(seed)
     features = {
-        "observation.images.front": {"dtype": "image", "shape": (SIZE, SIZE, 3), "names": ["height", "width", "channels"]},
+        "observation.images.front": {
+            "dtype": "image",
+            "shape": (SIZE, SIZE, 3),
+            "names": ["height", "width", "channels"],
+        },
         "observation.state": {"dtype": "float32", "shape": (1,), "names": ["block_x"]},
         "action": {"dtype": "float32", "shape": (1,), "names": ["push"]},
     }
     if labels == "feature":
         features["next.success"] = {"dtype": "bool", "shape": (1,), "names": None}
-    ds = LeRobotDataset.create(repo_id, fps=10, features=features, root=root, use_videos=False, image_writer_threads=0)
+    ds = LeRobotDataset.create(
+        repo_id, fps=10, features=features, root=root, use_videos=False, image_writer_threads=0
+    )
     kinds = ["success"] * n_success + [("short", "wander")[i % 2] for i in range(n_failure)]
     kinds = [kinds[i] for i in rng.permutation(len(kinds))] + ["success"] * extra_short_episodes
     outcomes: dict[int, bool] = {}
@@ -89,7 +95,11 @@ def write_block_dataset(
         folder = root / "recording"
         folder.mkdir(parents=True, exist_ok=True)
         for index, success in outcomes.items():
-            sidecar = {"schema": "lrm.episode/1", "episode_index": index, "task": TASK,
-                       "outcome": "success" if success else "failure"}
+            sidecar = {
+                "schema": "lrm.episode/1",
+                "episode_index": index,
+                "task": TASK,
+                "outcome": "success" if success else "failure",
+            }
             (folder / f"episode_{index:06d}.json").write_text(json.dumps(sidecar))
     return outcomes

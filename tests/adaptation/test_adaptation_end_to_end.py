@@ -37,13 +37,20 @@ def trained(tiny_lrm, tmp_path_factory):
     )
     assert T.main(["--config", str(config), "--quiet"]) == 0
     report = work / "report"
-    code = E.main([
-        "--base-model", str(tiny_lrm.base),
-        "--split-from", str(work / "adapters"),
-        "--adapters", f"trained={work / 'adapters'}",
-        "--adapters", "untrained=none",
-        "--output-dir", str(report),
-    ])
+    code = E.main(
+        [
+            "--base-model",
+            str(tiny_lrm.base),
+            "--split-from",
+            str(work / "adapters"),
+            "--adapters",
+            f"trained={work / 'adapters'}",
+            "--adapters",
+            "untrained=none",
+            "--output-dir",
+            str(report),
+        ]
+    )
     assert code == 0
     return work, json.loads((report / "metrics.json").read_text())
 
@@ -53,9 +60,9 @@ def test_adapters_are_written_in_the_layout_the_engine_loads(trained):
     for modality in ("progress", "contrastive", "completion"):
         folder = work / "adapters" / modality
         assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
-    assert json.loads((work / "adapters" / "progress" / "adapter_config.json").read_text())["modules_to_save"] == [
-        "visual"
-    ]
+    assert json.loads((work / "adapters" / "progress" / "adapter_config.json").read_text())[
+        "modules_to_save"
+    ] == ["visual"]
 
 
 def test_trained_adapters_beat_the_untrained_model_on_held_out_episodes(trained):
@@ -64,13 +71,18 @@ def test_trained_adapters_beat_the_untrained_model_on_held_out_episodes(trained)
     new, old = metrics["results"]["trained"], metrics["results"]["untrained"]
     assert new["unparsed"] == 0
     assert new["voc"] > 0.2 and new["voc"] >= old["voc"] + 0.5
-    assert new["completion_accuracy"] >= 0.75 and new["completion_accuracy"] >= old["completion_accuracy"] + 0.2
-    assert new["contrastive_accuracy"] >= 0.65 and new["contrastive_accuracy"] >= old["contrastive_accuracy"] + 0.2
+    assert (
+        new["completion_accuracy"] >= 0.75 and new["completion_accuracy"] >= old["completion_accuracy"] + 0.2
+    )
+    assert (
+        new["contrastive_accuracy"] >= 0.65
+        and new["contrastive_accuracy"] >= old["contrastive_accuracy"] + 0.2
+    )
     assert new["completion_ece"] < old["completion_ece"]
 
 
 def test_report_has_a_plot_per_metric(trained):
-    work, metrics = trained
+    work, _metrics = trained
     report = work / "report"
     html = (report / "report.html").read_text()
     for metric in E.METRIC_TITLES:
@@ -94,12 +106,14 @@ def test_engine_serves_the_trained_adapters(trained, tiny_lrm):
             queries += [
                 Query(Modality.COMPLETION, ep.task, [first]),
                 Query(Modality.COMPLETION, ep.task, [last]),
+                Query(Modality.PROGRESS, ep.task, [first, first]),
                 Query(Modality.PROGRESS, ep.task, [first, last]),
                 Query(Modality.CONTRASTIVE, ep.task, [first, last]),
             ]
         answers = engine.score(queries)
     assert all(a.parsed for a in answers)
-    values = np.array([a.value for a in answers]).reshape(len(held), 4)
-    assert (values[:, 1] > values[:, 0]).all()  # the finished frame looks more finished than the first
-    assert (values[:, 2] > 0.5).mean() >= 0.5
-    assert (values[:, 3] > 0).all()  # B (the end) is closer to done
+    values = np.array([a.value for a in answers]).reshape(len(held), 5)
+    # the finished frame looks more finished than the first, to every adapter
+    assert (values[:, 1] > values[:, 0]).all()
+    assert (values[:, 3] > values[:, 2]).all()
+    assert (values[:, 4] > 0).all()  # B (the end) is closer to done

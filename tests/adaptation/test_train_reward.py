@@ -128,15 +128,20 @@ def test_resuming_with_other_settings_is_refused(tiny_lrm, small_dataset, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        T.train(quick_config(tiny_lrm.base, small_dataset, out), on_step=kill_after_step_2, show_progress=False)
+        T.train(
+            quick_config(tiny_lrm.base, small_dataset, out), on_step=kill_after_step_2, show_progress=False
+        )
     with pytest.raises(T.TrainingError, match="--restart"):
         T.train(quick_config(tiny_lrm.base, small_dataset, out, learning_rate=1e-3), show_progress=False)
-    restarted = T.train(quick_config(tiny_lrm.base, small_dataset, out, learning_rate=1e-3), restart=True,
-                        show_progress=False)
+    restarted = T.train(
+        quick_config(tiny_lrm.base, small_dataset, out, learning_rate=1e-3), restart=True, show_progress=False
+    )
     assert restarted.modalities[0].resumed_from_step == 0
 
 
-def test_out_of_memory_suggests_smaller_batch_with_more_accumulation(tiny_lrm, small_dataset, tmp_path, monkeypatch):
+def test_out_of_memory_suggests_smaller_batch_with_more_accumulation(
+    tiny_lrm, small_dataset, tmp_path, monkeypatch
+):
     from transformers import Qwen3VLForConditionalGeneration
 
     def no_memory(self, *args, **kwargs):
@@ -154,8 +159,17 @@ def test_out_of_memory_suggests_smaller_batch_with_more_accumulation(tiny_lrm, s
 def test_cli_explains_missing_labels(tiny_lrm, tmp_path, capsys):
     root = tmp_path / "nolabels"
     write_block_dataset(root, n_success=2, n_failure=1, n_frames=8, labels="none")
-    code = T.main(["--base-model", str(tiny_lrm.base), "--dataset", str(root), "--output-dir", str(tmp_path / "o"),
-                   "--quiet"])
+    code = T.main(
+        [
+            "--base-model",
+            str(tiny_lrm.base),
+            "--dataset",
+            str(root),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "no success labels" in err and "next.success" in err and "--labels" in err
@@ -167,9 +181,27 @@ def test_cli_labels_file_makes_an_unlabelled_dataset_usable(tiny_lrm, tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({str(k): v for k, v in outcomes.items()}))
     out = tmp_path / "adapters"
-    code = T.main(["--base-model", str(tiny_lrm.base), "--dataset", str(root), "--labels", str(labels),
-                   "--output-dir", str(out), "--modalities", "completion", "--max-steps", "1", "--batch-size", "2",
-                   "--device", "cpu", "--quiet"])
+    code = T.main(
+        [
+            "--base-model",
+            str(tiny_lrm.base),
+            "--dataset",
+            str(root),
+            "--labels",
+            str(labels),
+            "--output-dir",
+            str(out),
+            "--modalities",
+            "completion",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert (out / "completion" / "adapter_model.safetensors").is_file()
     split = json.loads((out / T.SPLIT_FILE).read_text())
@@ -178,14 +210,19 @@ def test_cli_labels_file_makes_an_unlabelled_dataset_usable(tiny_lrm, tmp_path):
 
 def test_progress_adapter_saves_the_vision_tower_like_the_released_one(tiny_lrm, small_dataset, tmp_path):
     out = tmp_path / "p"
-    T.train(quick_config(tiny_lrm.base, small_dataset, out, modalities=["progress"], max_steps=1), show_progress=False)
+    T.train(
+        quick_config(tiny_lrm.base, small_dataset, out, modalities=["progress"], max_steps=1),
+        show_progress=False,
+    )
     config = json.loads((out / "progress" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["visual"]
     assert set(config["target_modules"]) == set(T.DEFAULT_TARGET_MODULES)
     weights = load_file(str(out / "progress" / "adapter_model.safetensors"))
     assert any("visual" in k for k in weights) and any("lora_A" in k for k in weights)
     meta = json.loads((out / "progress" / T.METADATA_FILE).read_text())
-    assert meta["modality"] == Modality.PROGRESS.value and meta["base_fingerprint"]["model_type"].startswith("qwen3_vl")
+    assert meta["modality"] == Modality.PROGRESS.value and meta["base_fingerprint"]["model_type"].startswith(
+        "qwen3_vl"
+    )
 
 
 def test_no_successful_training_episode_is_a_label_error(tiny_lrm, tmp_path):

@@ -64,7 +64,9 @@ def test_labels_file_json_and_csv_override_the_dataset(sidecar_dataset, tmp_path
     as_json = tmp_path / "labels.json"
     as_json.write_text(json.dumps({"episodes": {str(k): v for k, v in flipped.items()}}))
     as_csv = tmp_path / "labels.csv"
-    as_csv.write_text("episode_index,success\n" + "".join(f"{k},{'yes' if v else 'failure'}\n" for k, v in flipped.items()))
+    as_csv.write_text(
+        "episode_index,success\n" + "".join(f"{k},{'yes' if v else 'failure'}\n" for k, v in flipped.items())
+    )
     for path in (as_json, as_csv):
         result = S.load_episodes([S.DatasetSpec(root, labels=path)], S.SampleConfig())
         assert {ep.key.episode: ep.success for ep in result.episodes} == flipped

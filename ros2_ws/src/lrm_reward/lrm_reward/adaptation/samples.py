@@ -62,7 +62,7 @@ class LabelError(ValueError):
     """Episodes cannot be labelled (no source, malformed file, nothing usable); the message says what to do."""
 
 
-class LabelSource(str, enum.Enum):
+class LabelSource(enum.StrEnum):
     AUTO = "auto"  # labels file if given, else sidecars, else a success feature
     FILE = "file"
     SIDECAR = "sidecar"
@@ -345,9 +345,9 @@ def _episode_index(raw, where: str) -> int:
     return index
 
 
-def read_sidecar_labels(root: Path) -> dict[int, bool | None | str]:
+def read_sidecar_labels(root: Path) -> dict[int, bool | str | None]:
     """episode_index -> success from recorder sidecars; "discard" outcomes come back as the string."""
-    labels: dict[int, bool | None | str] = {}
+    labels: dict[int, bool | str | None] = {}
     for path in sorted((root / SIDECAR_DIR).glob("episode_*.json")):
         try:
             data = json.loads(path.read_text())
@@ -373,7 +373,7 @@ def read_feature_labels(ds) -> tuple[str, dict[int, bool]] | None:
     return feature, success
 
 
-def episode_labels(spec: DatasetSpec, ds, source: LabelSource) -> tuple[str, dict[int, bool | None | str]]:
+def episode_labels(spec: DatasetSpec, ds, source: LabelSource) -> tuple[str, dict[int, bool | str | None]]:
     """(source used, labels) for one dataset; LabelError with LABELS_HELP when there is none."""
     if source in (LabelSource.FILE, LabelSource.AUTO) and spec.labels is not None:
         return "file", read_labels_file(spec.labels)

@@ -48,8 +48,18 @@ ADAPTER_LAYOUT = tuple(m.value for m in (Modality.PROGRESS, Modality.CONTRASTIVE
 # tower's attention is a fused qkv, so these names do not reach it).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "lrm_adapter.json"
-PER_MODALITY_KEYS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "lora_r",
-                     "lora_alpha", "lora_dropout", "weight_decay")
+PER_MODALITY_KEYS = (
+    "learning_rate",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "warmup_ratio",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "weight_decay",
+)
 SPLIT_FILE = "split.json"
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR_RE = re.compile(r"^step-(\d{6,})$")
@@ -145,7 +155,9 @@ class TrainConfig:
             if name not in ADAPTER_LAYOUT:
                 raise ValueError(f"per_modality: {name!r} is not a modality ({list(ADAPTER_LAYOUT)})")
             if not isinstance(changes, dict) or set(changes) - set(PER_MODALITY_KEYS):
-                raise ValueError(f"per_modality.{name}: only {list(PER_MODALITY_KEYS)} can change per modality")
+                raise ValueError(
+                    f"per_modality.{name}: only {list(PER_MODALITY_KEYS)} can change per modality"
+                )
             # validate the changed values with the same rules
             dataclasses.replace(self, per_modality={}, **changes)
 
@@ -304,9 +316,8 @@ def adapter_base_mismatch(adapter_dir: Path, fingerprint: dict) -> str | None:
             if any(
                 f".{name}." in key
                 for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-            ):
-                if expected and in_dim != expected:
-                    return f"{adapter_dir}: {key} expects input size {in_dim}, the base has {expected}"
+            ) and expected and in_dim != expected:
+                return f"{adapter_dir}: {key} expects input size {in_dim}, the base has {expected}"
     return None
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from lrm_reward.core import prompts
 from lrm_reward.core.types import Modality
 
-TINY_FORMAT_VERSION = 1  # bump when the build changes: a folder with another version is rebuilt
+TINY_FORMAT_VERSION = 2  # bump when the build changes: a folder with another version is rebuilt
 _MARKER = "tiny_lrm.json"
 
 SPECIAL_TOKENS = (
@@ -51,6 +51,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+PROGRESS_TRAINING_LEVELS = (0.0, 0.5, 1.0)
 TINY_TASKS = (
     "put the carrot on the plate",
     "open the top drawer",
@@ -257,6 +258,8 @@ def synthetic_example(
     task = TINY_TASKS[int(rng.integers(len(TINY_TASKS)))]
     level = int(rng.integers(11)) / 10
     if modality is Modality.PROGRESS:
+        # three well-separated levels: learnable in seconds, yet answered with multi-token values
+        level = float(rng.choice(PROGRESS_TRAINING_LEVELS))
         current = synthetic_frame(level, rng)
         images = (
             [synthetic_frame(float(rng.uniform(0.0, 0.1)), rng), current] if rng.random() < 0.8 else [current]
