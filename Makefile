@@ -7,7 +7,7 @@ setup:
 	scripts/setup.sh
 
 demo: setup
-	bash -c '. scripts/env.sh && python scripts/demo.py $(DEMO_ARGS)'
+	bash -c '. scripts/env.sh && scripts/loopback.sh python scripts/demo.py $(DEMO_ARGS)'
 
 test: setup
 	scripts/run_tests.sh $(PYTEST_ARGS)

@@ -230,3 +230,21 @@ def test_no_successful_training_episode_is_a_label_error(tiny_lrm, tmp_path):
     write_block_dataset(root, n_success=0, n_failure=3, n_frames=8)
     with pytest.raises(S.LabelError, match="successful"):
         T.train(quick_config(tiny_lrm.base, root, tmp_path / "o"), show_progress=False)
+
+
+def test_per_modality_settings_apply_to_that_modality_only(tiny_lrm, small_dataset, tmp_path):
+    out = tmp_path / "pm"
+    cfg = quick_config(
+        tiny_lrm.base,
+        small_dataset,
+        out,
+        modalities=["completion", "contrastive"],
+        max_steps=1,
+        per_modality={"contrastive": {"max_steps": 2, "learning_rate": 1e-3}},
+    )
+    result = {r.modality: r for r in T.train(cfg, show_progress=False).modalities}
+    assert result[Modality.COMPLETION].steps == 1 and result[Modality.CONTRASTIVE].steps == 2
+    meta = json.loads((out / "contrastive" / T.METADATA_FILE).read_text())
+    assert meta["config"]["learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="per_modality"):
+        quick_config(tiny_lrm.base, small_dataset, out, per_modality={"contrastive": {"seed": 3}})

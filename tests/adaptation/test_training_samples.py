@@ -96,7 +96,7 @@ def test_dataset_without_labels_explains_what_is_needed(tmp_path):
 
 
 def test_not_a_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="meta/info.json"):
+    with pytest.raises(FileNotFoundError, match=r"meta/info\.json"):
         S.load_episodes([S.DatasetSpec(tmp_path)], S.SampleConfig())
 
 

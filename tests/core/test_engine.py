@@ -117,8 +117,7 @@ def test_missing_folders_give_clear_errors(tiny_lrm, tmp_path):
         make_engine(EngineConfig(str(tiny_lrm.base), adapters))
 
 
-def test_hub_id_offline_and_not_cached_says_so(tiny_lrm, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+def test_hub_id_offline_and_not_cached_says_so():
     with pytest.raises(ModelLoadError, match="local_files_only"):
         loading.resolve_adapter_folder("USC-PSI-Lab/LRM-models/progress", local_files_only=True)
 

@@ -37,3 +37,23 @@ def test_close_wakes_a_waiting_worker_and_drain_empties():
     assert slots.drain() == {"cam": 3}
     slots.reopen()
     assert not slots.closed
+
+
+def test_gather_waits_for_the_other_streams_up_to_the_window():
+    slots: LatestFrameSlots[int] = LatestFrameSlots()
+    got: list[dict[str, int]] = []
+    slots.put("cam0", 0)
+    worker = threading.Thread(
+        target=lambda: got.append(slots.take_all(timeout_s=30, gather_s=30, expected=3))
+    )
+    worker.start()
+    slots.put("cam1", 1)
+    slots.put("cam2", 2)
+    worker.join(timeout=30)
+    assert got == [{"cam0": 0, "cam1": 1, "cam2": 2}]
+
+
+def test_gather_gives_up_after_the_window_with_what_is_there():
+    slots: LatestFrameSlots[int] = LatestFrameSlots()
+    slots.put("cam0", 0)
+    assert slots.take_all(timeout_s=1, gather_s=0.01, expected=3) == {"cam0": 0}

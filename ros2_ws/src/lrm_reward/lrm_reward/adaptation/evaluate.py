@@ -173,8 +173,8 @@ def adapter_folders(name: str, spec: str) -> dict[str, str] | None:
     found = {m: str(folder / m) for m in T.ADAPTER_LAYOUT if (folder / m / "adapter_config.json").is_file()}
     if not found:
         raise ValueError(
-            f"adapter set {name!r}: no adapters in {folder} (expected {', '.join(T.ADAPTER_LAYOUT)} subfolders "
-            "with adapter_config.json; download the released ones with huggingface-cli first)"
+            f"adapter set {name!r}: no adapters in {folder} (expected {', '.join(T.ADAPTER_LAYOUT)} "
+            "subfolders with adapter_config.json; download the released ones with huggingface-cli first)"
         )
     return found
 
@@ -366,14 +366,16 @@ def _html(report: dict, plots: list[tuple[str, str]]) -> str:
         for n in names
     )
     images = "".join(
-        f'<figure><img src="{m}.png" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
+        f'<figure><img src="{m}.png" alt="{html.escape(t)}">'
+        f"<figcaption>{html.escape(t)}</figcaption></figure>"
         for m, t in plots
     )
     evaluation = html.escape(json.dumps(report["evaluation"]))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Reward adapter evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} figure{{display:inline-block;margin:1em}}</style>
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+figure{{display:inline-block;margin:1em}}</style>
 </head><body>
 <h1>Reward adapter evaluation</h1>
 <p>Base model: <code>{html.escape(report["base_model"])}</code></p>

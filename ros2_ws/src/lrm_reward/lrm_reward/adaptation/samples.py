@@ -59,7 +59,7 @@ LABELS_HELP = (
 
 
 class LabelError(ValueError):
-    """Episodes cannot be labelled (no source, malformed file, nothing usable); the message says what to do."""
+    """Episodes cannot be labelled (no source, bad file, nothing usable); the message says what to do."""
 
 
 class LabelSource(enum.StrEnum):

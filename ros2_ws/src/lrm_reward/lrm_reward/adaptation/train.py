@@ -313,10 +313,14 @@ def adapter_base_mismatch(adapter_dir: Path, fingerprint: dict) -> str | None:
             expected = (
                 fingerprint["intermediate_size"] if ".down_proj." in key else fingerprint["hidden_size"]
             )
-            if any(
-                f".{name}." in key
-                for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-            ) and expected and in_dim != expected:
+            if (
+                any(
+                    f".{name}." in key
+                    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+                )
+                and expected
+                and in_dim != expected
+            ):
                 return f"{adapter_dir}: {key} expects input size {in_dim}, the base has {expected}"
     return None
 
@@ -382,7 +386,15 @@ def train(
             raise TrainingError(f"no {modality.value} samples could be built from the training episodes")
         results.append(
             _train_modality(
-                cfg, modality, samples, episode_set, processor, fingerprint, device, on_step, show_progress
+                cfg.for_modality(modality),
+                modality,
+                samples,
+                episode_set,
+                processor,
+                fingerprint,
+                device,
+                on_step,
+                show_progress,
             )
         )
     return TrainResult(cfg.output_dir, results, episode_set.summary())
@@ -695,7 +707,8 @@ def _oom_message(cfg: TrainConfig, where: str) -> str:
     smaller = max(1, cfg.batch_size // 2)
     more = cfg.grad_accum * (cfg.batch_size // smaller)
     tips = [
-        f"set batch_size: {smaller} and grad_accum: {more} (same effective batch of {cfg.batch_size * cfg.grad_accum})"
+        f"set batch_size: {smaller} and grad_accum: {more} "
+        f"(same effective batch of {cfg.batch_size * cfg.grad_accum})"
         if cfg.batch_size > 1
         else "batch_size is already 1",
     ]
@@ -775,8 +788,8 @@ def _resume(ckpt_root, run_id, model, optimizer, scheduler, scaler, fingerprint)
     state = _read_json(folder / "trainer_state.json")
     if state.get("base_fingerprint") != fingerprint:
         raise BaseModelMismatchError(
-            f"checkpoint {folder} was made on another base model ({state.get('base_fingerprint')}, this one is "
-            f"{fingerprint}); use another output_dir or --restart"
+            f"checkpoint {folder} was made on another base model ({state.get('base_fingerprint')}, this one "
+            f"is {fingerprint}); use another output_dir or --restart"
         )
     if state.get("run_id") != run_id:
         raise TrainingError(

@@ -9,6 +9,7 @@ streams go to the model in one batch. Not a queue: nothing older than the newest
 from __future__ import annotations
 
 import threading
+import time
 
 
 class LatestFrameSlots[T]:
@@ -25,11 +26,24 @@ class LatestFrameSlots[T]:
             self._cond.notify()
             return replaced
 
-    def take_all(self, timeout_s: float | None = None) -> dict[str, T]:
-        """Wait until a frame is pending (or timeout, or close) and take every pending frame."""
+    def take_all(
+        self, timeout_s: float | None = None, gather_s: float = 0.0, expected: int = 1
+    ) -> dict[str, T]:
+        """Wait until a frame is pending (or timeout, or close) and take every pending frame.
+
+        With gather_s > 0, once the first frame is there wait up to gather_s more for frames of the other
+        streams (until `expected` slots are full), so streams whose frames are due together share one batch.
+        """
         with self._cond:
             if not self._slots and not self._closed:
                 self._cond.wait(timeout_s)
+            if self._slots and gather_s > 0:
+                deadline = time.monotonic() + gather_s
+                while len(self._slots) < expected and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
             taken, self._slots = self._slots, {}
             return taken
 

@@ -194,6 +194,12 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         2.0,
         _describe("[s] a camera silent this long turns WARN in /diagnostics (ERROR at 3x)"),
     ),
+    "batch_window_s": (
+        0.005,
+        _describe(
+            "[s] several cameras: wait up to this long for the others' due frames to share one model call"
+        ),
+    ),
     "publish_annotated": (True, _describe("publish ~/annotated (drawn only while it has subscribers)")),
 }
 
@@ -333,6 +339,8 @@ class RewardNode(LifecycleNode):
             return f"pair_slop_s must be a finite number >= 0, got {value}"
         if name == "max_task_chars" and value < 1:
             return f"max_task_chars must be >= 1, got {value}"
+        if name == "batch_window_s" and not (math.isfinite(value) and 0 <= value <= 1):
+            return f"batch_window_s must be in [0, 1] s, got {value}"
         if name == "camera_timeout_s" and not (math.isfinite(value) and value > 0):
             return f"camera_timeout_s must be a finite number > 0, got {value}"
         if name == "model.readout" and value not in READOUTS:
@@ -410,7 +418,8 @@ class RewardNode(LifecycleNode):
 
         self._task = self._param("task")
         self._build_streams(tracker_cfg)
-        self._reward_pub = self.create_lifecycle_publisher(RewardSignal, "~/reward", 100)
+        # Deep reliable history: a plotting tool that stalls for a moment must not lose rewards.
+        self._reward_pub = self.create_lifecycle_publisher(RewardSignal, "~/reward", 1000)
         self._completed_pub = self.create_lifecycle_publisher(Bool, "~/completed", 10)
         self._annotated_pub = self.create_lifecycle_publisher(Image, "~/annotated", qos_profile_sensor_data)
         if not self._task.strip():
@@ -624,7 +633,11 @@ class RewardNode(LifecycleNode):
 
     def _work(self) -> None:
         while True:
-            pending = self._slots.take_all(timeout_s=WORKER_POLL_S)
+            pending = self._slots.take_all(
+                timeout_s=WORKER_POLL_S,
+                gather_s=self._param("batch_window_s"),
+                expected=len(self._scoring_streams()),
+            )
             if pending:
                 try:
                     self._score(list(pending.values()))
