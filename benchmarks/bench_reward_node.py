@@ -191,13 +191,17 @@ def measure(cameras: int, seconds: float, model_s: float, workdir: Path, transpo
         model = msg.query_latency if msg.queried else 0.0
         latencies["queried" if msg.queried else "held"].append(now - sent - model)
 
-    node.create_subscription(
+    rewards_sub = node.create_subscription(
         RewardSignal,
         "/reward_node/reward",
         on_reward,
         QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE),
     )
     node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    # Rewards published before this subscription is matched would be lost (volatile): wait for the match.
+    deadline = time.monotonic() + 60.0
+    while rewards_sub.get_publisher_count() == 0 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
 
     camera_proc = subprocess.Popen(
         [*me, "--role", "cameras", "--seconds", str(seconds), "--topics", *topics],

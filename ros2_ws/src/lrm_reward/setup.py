@@ -39,6 +39,8 @@ setup(
             "refinement_node = lrm_reward.ros.refinement_node:main",
             "lrm-judge = lrm_reward.refinement.judge:main",
             "lrm-refine = lrm_reward.refinement.refine:main",
+            "lrm-train-reward = lrm_reward.adaptation.train:main",
+            "lrm-eval-reward = lrm_reward.adaptation.evaluate:main",
         ],
     },
 )

@@ -279,13 +279,17 @@ def _unparsed(answers: list[Answer]) -> int:
 
 
 def write_report(output_dir: Path, report: dict, calibration_bins: int = 10) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(_finite(report), indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: the report has no plots (pip install matplotlib)")
+        (output_dir / "report.html").write_text(_html(report, []))
+        return
     results = report["results"]
     names = list(results)
     plots: list[tuple[str, str]] = []

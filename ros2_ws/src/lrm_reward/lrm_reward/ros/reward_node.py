@@ -19,13 +19,15 @@ Frame rule — every decoded frame of an active node with a task gets exactly on
 - a frame the tracker holds (not due for a query) is answered at once from the callback, with held=True
   and scored_stamp = the last frame the model really scored;
 - a frame due for a query goes into its stream's latest-wins slot; the worker takes every pending slot at
-  once (one batched engine call across streams) and publishes its reward with queried=True;
+  once (one batched engine call across streams; with several cameras it first waits up to
+  ``batch_window_s`` for the others' due frames) and publishes its reward with queried=True;
 - a due frame replaced in its slot by a newer due frame before the worker took it is dropped: counted in
   ``dropped frames`` and answered right away as held (values of the last scored frame). The tracker has
   already made it the contrastive reference, which is fine: "is B closer than A" needs no score for A;
 - an engine exception or out-of-memory answers the batch's frames with the last good values
   (unparsed > 0, scored_stamp unchanged), is counted per kind, logged once per kind, and the node goes on;
-- a frame that cannot be decoded gets no reward (it is no frame): counted per kind, logged once per kind.
+- a frame that cannot be decoded gets no reward (it is no frame): counted per kind, logged once per kind;
+- before any task is set, frames are counted but not answered (diagnostics say "no task").
 Held frames are published as they arrive and a queried frame after its model call, so on ``~/reward``
 messages of one stream may come out of stamp order; ``header.stamp`` always names the frame answered.
 A camera that stops simply gets no more rewards (nothing repeats) and turns WARN, later ERROR, in

