@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from lrm_reward.core.annotation import BAR_FILL, MARGIN, RewardOverlay, annotate_frame
 
 

@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+
 from lrm_reward.core.serving_stats import FaultCounter, LatencyWindow, RateWindow
 
 

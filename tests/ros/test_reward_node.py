@@ -107,6 +107,10 @@ class Probe:
         self.rewards: list[RewardSignal] = []
         self.completed: list[Bool] = []
         self.diagnostics: list[DiagnosticArray] = []
+        self.annotated: list[Image] = []
+        self.annotated_sub = node.create_subscription(
+            Image, f"{NODE}/annotated", self.annotated.append, RELIABLE
+        )
         self.reward_sub = node.create_subscription(
             RewardSignal, f"{NODE}/reward", self.rewards.append, RELIABLE
         )
@@ -261,6 +265,9 @@ def node_params(tiny_lrm, **overrides) -> dict:
         "qos_overrides": {
             RAW_TOPIC: {"subscription": {"reliability": "reliable", "depth": 200, "history": "keep_last"}},
             JPEG_TOPIC: {"subscription": {"reliability": "reliable", "depth": 200, "history": "keep_last"}},
+            f"{NODE}/annotated": {
+                "publisher": {"reliability": "reliable", "depth": 200, "history": "keep_last"}
+            },
         },
     }
     params.update(overrides)
@@ -281,6 +288,8 @@ def test_one_reward_per_frame_episodes_and_parameters(start_node, ros_node, tiny
     process = start_reward_node(start_node, tiny_lrm)
     probe = Probe(ros_node, process)
     probe.wait_connected(probe.raw)
+    # The annotated image is only drawn while someone listens: make sure the node sees this subscriber.
+    assert probe.spin_until(lambda: probe.annotated_sub.get_publisher_count() > 0, 30.0)
 
     clip_ns = [T0_NS + i * 1_000_000_000 // FPS for i in range(CLIP_FRAMES)]
     frames = [pick_and_place_frame(i / (CLIP_FRAMES - 1)) for i in range(CLIP_FRAMES)]
@@ -316,6 +325,12 @@ def test_one_reward_per_frame_episodes_and_parameters(start_node, ros_node, tiny
             assert math.isnan(value) or low <= value <= 1.0
         assert math.isfinite(r.reward)
     assert len(probe.completed) >= CLIP_FRAMES
+
+    # The annotated view: the frame scaled up to be readable, a text panel below, the frame's stamp.
+    assert probe.spin_until(lambda: len(probe.annotated) >= CLIP_FRAMES, 30.0)
+    shown = probe.annotated[0]
+    assert shown.encoding == "rgb8" and shown.width == 64 * 8 and shown.height > 48 * 8
+    assert {key(m.header.stamp) for m in probe.annotated} == {key(stamp(ns)) for ns in clip_ns}
 
     # Due frames are either scored or dropped (replaced while the model was busy), and each is counted.
     diag = probe.fresh_diagnostics(lambda s: kv(s[MODEL_STATUS]).get("rewards out") == str(CLIP_FRAMES))

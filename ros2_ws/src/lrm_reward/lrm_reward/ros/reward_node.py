@@ -423,7 +423,12 @@ class RewardNode(LifecycleNode):
         # Deep reliable history: a plotting tool that stalls for a moment must not lose rewards.
         self._reward_pub = self.create_lifecycle_publisher(RewardSignal, "~/reward", 1000)
         self._completed_pub = self.create_lifecycle_publisher(Bool, "~/completed", 10)
-        self._annotated_pub = self.create_lifecycle_publisher(Image, "~/annotated", qos_profile_sensor_data)
+        self._annotated_pub = self.create_lifecycle_publisher(
+            Image,
+            "~/annotated",
+            qos_profile_sensor_data,
+            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
+        )
         if not self._task.strip():
             self.get_logger().warning(
                 "no task yet: frames are not scored until ~/set_task or the task parameter"

@@ -17,6 +17,7 @@ rendered scene, never to the physics model, so it cannot collide with anything.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,18 @@ CONTROL_DT_S = 0.1
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 JOINT_NAMES = (*ARM_JOINTS, "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grasp")
+
+
+def _default_gl_at_import() -> None:
+    # Anything may import mujoco later (lerobot's plugin discovery does): choose the backend now, before
+    # that happens, unless the user already did.
+    if "mujoco" not in sys.modules:
+        os.environ.setdefault("MUJOCO_GL", DEFAULT_GL)
+        if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+            os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+
+_default_gl_at_import()
 
 
 class SimRenderError(RuntimeError):
@@ -82,6 +95,11 @@ class SceneState:
 def select_gl_backend(requested: str | None = None) -> str:
     """Set MUJOCO_GL (and PyOpenGL's platform) before mujoco is imported; returns the backend in use."""
     backend = requested or os.environ.get("MUJOCO_GL") or DEFAULT_GL
+    if "mujoco" in sys.modules and os.environ.get("MUJOCO_GL") != backend:
+        raise SimRenderError(
+            f"mujoco was imported before MUJOCO_GL={backend} was set; fix: export MUJOCO_GL={backend} "
+            "before starting Python"
+        )
     os.environ["MUJOCO_GL"] = backend
     if backend in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)
