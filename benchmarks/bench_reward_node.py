@@ -39,21 +39,7 @@ REEXEC_MARK = "LRM_BENCH_IN_LOOPBACK_NAMESPACE"
 # Fast DDS's default shared-memory segment (512 KiB) is smaller than one 640x480 rgb8 frame (900 KiB), so
 # by default such frames go over UDP loopback in fragments, which best-effort QoS loses under load. A larger
 # segment is the usual deployment fix for raw camera images between processes on one machine.
-LARGE_SHM_PROFILE = """<?xml version="1.0" encoding="UTF-8" ?>
-<profiles xmlns="http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles">
-  <transport_descriptors>
-    <transport_descriptor><transport_id>shm_32mb</transport_id><type>SHM</type>
-      <segment_size>33554432</segment_size></transport_descriptor>
-    <transport_descriptor><transport_id>udp</transport_id><type>UDPv4</type></transport_descriptor>
-  </transport_descriptors>
-  <participant profile_name="lrm_bench_large_shm" is_default_profile="true">
-    <rtps>
-      <userTransports><transport_id>shm_32mb</transport_id><transport_id>udp</transport_id></userTransports>
-      <useBuiltinTransports>false</useBuiltinTransports>
-    </rtps>
-  </participant>
-</profiles>
-"""
+LARGE_SHM_PROFILE = (Path(__file__).resolve().parents[1] / "config" / "fastdds_large_shm.xml").read_text()
 PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 
 

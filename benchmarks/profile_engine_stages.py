@@ -17,12 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engine  # noqa: E402  (sets the offline env and sys.path)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import bench_engine
+import numpy as np
+import torch
 
-from lrm_reward.core import readouts  # noqa: E402
-from lrm_reward.core.types import Modality  # noqa: E402
+from lrm_reward.core import readouts
+from lrm_reward.core.types import Modality
 
 STAGES: dict[str, list[float]] = defaultdict(list)
 

@@ -11,13 +11,12 @@ by default); a non-empty argument here overrides the file. Written for a ROS 2 J
 
 import os
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 PACKAGE = "lrm_reward"
 ADAPTERS = ("progress", "contrastive", "completion")

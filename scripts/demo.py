@@ -46,6 +46,7 @@ for _var, _val in (
     ("HF_DATASETS_OFFLINE", "1"),
     ("WANDB_MODE", "disabled"),
     ("TOKENIZERS_PARALLELISM", "false"),
+    ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
 ):
     os.environ.setdefault(_var, _val)
 
@@ -214,7 +215,7 @@ def collect_demos(out: Path, s: DemoSettings) -> dict:
     if final.exists():
         shutil.rmtree(final)
     root.rename(final)
-    return {"episodes": outcomes, "successes": n_ok, "root": str(final)}
+    return {"episodes": outcomes, "successes": n_ok, "root": str(final / "demos")}
 
 
 # ---------------------------------------------------------------------------------------------- (b) reward

@@ -51,7 +51,8 @@ def test_launch_file_compiles_and_names_only_existing_things(path: Path):
     for executable in keyword_constants(tree, "executable"):
         if executable in {"rviz2", "rqt", "plotjuggler"}:
             continue  # from the user's ROS install
-        assert executable in console_scripts(PACKAGES["lrm_reward"]), f"{path.name}: no executable {executable!r}"
+        scripts = console_scripts(PACKAGES["lrm_reward"])
+        assert executable in scripts, f"{path.name}: no executable {executable!r}"
     for name in string_constants(tree):
         if name.endswith(CONFIG_SUFFIXES) and "/" not in name and not name.startswith("$"):
             assert (REPO / "config" / name).exists() or (REPO / "launch" / name).exists(), (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from lrm_reward.core.images import hstack_rgb, resize_to_height, to_rgb_uint8
 
 

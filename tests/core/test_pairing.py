@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lrm_reward.core.pairing import ApproximateTimePairer
 
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from lrm_reward.core.tracking import (
     ENGINE_ERROR_PREFIX,
     EpisodeTracker,

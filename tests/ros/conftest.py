@@ -30,7 +30,9 @@ def _network_interfaces() -> list[str]:
 @pytest.fixture(autouse=True, scope="session")
 def loopback_only() -> None:
     if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
-        pytest.fail("ROS tests need ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST: run them via scripts/run_tests.sh")
+        pytest.fail(
+            "ROS tests need ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST: run them via scripts/run_tests.sh"
+        )
     interfaces = _network_interfaces()
     if interfaces != ["lo"]:
         pytest.fail(
@@ -116,8 +118,8 @@ def ros_node(request) -> Iterator:
 
     context = rclpy.Context()
     rclpy.init(context=context)
-    node = rclpy.create_node(f"test_{request.node.name[:40]}".replace("[", "_").replace("]", "_").replace("-", "_"),
-                             context=context)
+    name = "test_" + "".join(c if c.isalnum() else "_" for c in request.node.name[:40])
+    node = rclpy.create_node(name, context=context)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     node.executor_for_test = executor
@@ -127,7 +129,9 @@ def ros_node(request) -> Iterator:
     rclpy.shutdown(context=context)
 
 
-def spin_until(node, predicate: Callable[[], bool], timeout: float, process: NodeProcess | None = None) -> bool:
+def spin_until(
+    node, predicate: Callable[[], bool], timeout: float, process: NodeProcess | None = None
+) -> bool:
     """Spin the test node until predicate() is true; stop early (False) if the node process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

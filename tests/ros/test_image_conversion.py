@@ -8,6 +8,9 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
 from lrm_reward.ros.image_conversion import (
     ERROR_KINDS,
     ImageConversionError,
@@ -15,8 +18,6 @@ from lrm_reward.ros.image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
 
 H, W = 6, 5
 

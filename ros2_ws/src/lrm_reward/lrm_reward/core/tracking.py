@@ -375,6 +375,16 @@ class EpisodeTracker:
         self._schedule.skip()
         return self._held_result(stamp_s, index)
 
+    def dropped(self, plan: FramePlan) -> RewardResult:
+        """The reward of a frame planned for a query that will never be scored (a newer frame replaced it).
+
+        The frame was already counted by ``plan``, so unlike ``held`` this counts nothing; it gets the held
+        values at its own frame index. A plan from an earlier episode gets that episode's id and no values.
+        """
+        if plan.episode_id != self.episode_id:
+            return self.update(FramePlan(plan.stamp_s, plan.episode_id, plan.frame_index), [])
+        return self._held_result(plan.stamp_s, plan.frame_index)
+
     # -- fusion ----------------------------------------------------------------------------------
 
     def fused_reward(self) -> float:
@@ -464,7 +474,7 @@ def score_frames(
     queries = [query for plan in plans for query in plan.queries]
     answers: list[Answer] = []
     if queries:
-        answers = _score_guarded(engine, queries)
+        answers = ask_engine(engine, queries)
     results = []
     start = 0
     for (tracker, _, _), plan in zip(frames, plans, strict=True):
@@ -474,7 +484,9 @@ def score_frames(
     return results
 
 
-def _score_guarded(engine: ScoringEngine, queries: list[Query]) -> list[Answer]:
+def ask_engine(engine: ScoringEngine, queries: list[Query]) -> list[Answer]:
+    """engine.score(queries), except that a raising engine or a wrong answer count gives every query a
+    failed Answer whose error starts with ``ENGINE_ERROR_PREFIX``: the caller's frames are never lost."""
     try:
         answers = list(engine.score(queries))
     except Exception as exc:  # any engine failure must not lose the batch's frames

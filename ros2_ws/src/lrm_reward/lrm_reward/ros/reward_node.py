@@ -67,8 +67,8 @@ from lrm_reward.core.frame_slots import LatestFrameSlots
 from lrm_reward.core.images import hstack_rgb
 from lrm_reward.core.pairing import ApproximateTimePairer
 from lrm_reward.core.serving_stats import FaultCounter, LatencyWindow, RateWindow
-from lrm_reward.core.tracking import EpisodeTracker, FramePlan, TrackerConfig
-from lrm_reward.core.types import Answer, Modality, Readout, RewardResult
+from lrm_reward.core.tracking import ENGINE_ERROR_PREFIX, EpisodeTracker, FramePlan, TrackerConfig, ask_engine
+from lrm_reward.core.types import Modality, Readout, RewardResult
 from lrm_reward.ros.diagnostics import ModelHealth, StreamHealth, build_diagnostics
 from lrm_reward.ros.image_conversion import (
     ImageConversionError,
@@ -659,27 +659,23 @@ class RewardNode(LifecycleNode):
         """One engine call for every pending frame of every stream, then publish each frame's reward."""
         queries = [q for item in items for q in item.plan.queries]
         started = time.monotonic()
-        try:
-            answers = list(self._engine.score(queries))
-            if len(answers) != len(queries):
-                raise RuntimeError(f"engine returned {len(answers)} answers for {len(queries)} queries")
-        except Exception as exc:  # keep serving; the frames get the last good values
-            error = f"{type(exc).__name__}: {exc}"
-            self._fault(engine_fault_kind(error), error)
-            self._last_engine_error_s = time.monotonic()
-            answers = [Answer(q.modality, None, parsed=False, error=error) for q in queries]
-        else:
-            for answer in answers:
-                if not answer.parsed:
-                    error = answer.error or f"unparsed output {answer.raw_text[:200]!r}"
-                    kind = engine_fault_kind(error)
-                    if kind == "out_of_memory":
-                        self._fault(kind, error)  # the engine's own retry at half batch did not help
-                        self._last_engine_error_s = time.monotonic()
-                    else:
-                        with self._counts_lock:
-                            self._unparsed += 1
-                        self._notice("unparsed", f"{answer.modality.value}: {error}")
+        answers = ask_engine(self._engine, queries)
+        engine_failed = False
+        for answer in answers:
+            if answer.parsed:
+                continue
+            error = answer.error or f"unparsed output {answer.raw_text[:200]!r}"
+            kind = engine_fault_kind(error)
+            raised = error.startswith(ENGINE_ERROR_PREFIX)
+            if raised or kind == "out_of_memory":  # OOM here: the engine's own half-batch retry failed too
+                if not engine_failed:  # one fault per batch, not per query
+                    self._fault(kind, error.removeprefix(ENGINE_ERROR_PREFIX))
+                    self._last_engine_error_s = time.monotonic()
+                engine_failed = raised or engine_failed
+            else:
+                with self._counts_lock:
+                    self._unparsed += 1
+                self._notice("unparsed", f"{answer.modality.value}: {error}")
         model_s = time.monotonic() - started
         self._model_latency.add(model_s)
         self._query_rate.add(len(queries))
@@ -706,7 +702,7 @@ class RewardNode(LifecycleNode):
             tracker = item.stream.tracker
             if tracker is None:
                 return
-            result = held_result_for_plan(tracker, item.plan)
+            result = tracker.dropped(item.plan)
         self._publish(item.stream, item.header, item.rgb, result, item.received_s, model_s=0.0)
 
     # -- outputs -------------------------------------------------------------------------------------
@@ -892,17 +888,6 @@ class RewardNode(LifecycleNode):
                 self._pairer.reset()
         self.get_logger().info(f"episode {episode}: task {self._task[:80]!r}")
         return episode
-
-
-def held_result_for_plan(tracker: EpisodeTracker, plan: FramePlan) -> RewardResult:
-    """The held reward of a frame that was planned for a query but will never be scored (dropped).
-
-    ``EpisodeTracker.held`` would count the frame a second time, so ask for the held values at the
-    plan's own frame index instead. A plan from an earlier episode gets that episode's id and no values.
-    """
-    if plan.episode_id != tracker.episode_id:
-        return tracker.update(FramePlan(plan.stamp_s, plan.episode_id, plan.frame_index), [])
-    return tracker._held_result(plan.stamp_s, plan.frame_index)
 
 
 def _default_engine_factory():
