@@ -85,14 +85,14 @@ class DemoSettings:
     def from_args(cls, args: argparse.Namespace) -> DemoSettings:
         quick = args.quick
         return cls(
-            demos=args.demos or (6 if quick else 30),
+            demos=args.demos or (5 if quick else 30),
             episodes=args.episodes or (3 if quick else 10),
-            max_steps=args.max_steps or (60 if quick else 90),
+            max_steps=args.max_steps or (50 if quick else 90),
             image_size=96,
             expert_action_sigma=args.action_sigma,
             expert_grasp_offset_m=args.grasp_offset,
             reward_steps=args.reward_steps or (8 if quick else 60),
-            policy_steps=args.policy_steps or (20 if quick else 600),
+            policy_steps=args.policy_steps or (10 if quick else 600),
             refine_steps=args.refine_steps or (10 if quick else 300),
             batch_size=4 if quick else 8,
             interval_frames=args.interval_frames,
@@ -475,23 +475,34 @@ class DemoClient:
             depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE
         )
         self.node.create_subscription(
-            String, "/sim_robot_node/episode_result", lambda m: self.results.append(json.loads(m.data)), latched
+            String,
+            "/sim_robot_node/episode_result",
+            lambda m: self.results.append(json.loads(m.data)),
+            latched,
         )
         self.node.create_subscription(RewardSignal, "/reward_node/reward", self.rewards.append, 100)
         self.sim_start = self.node.create_client(Trigger, "/sim_robot_node/start_episode")
+        self.sim_result = self.node.create_client(Trigger, "/sim_robot_node/last_result")
         self.set_task = self.node.create_client(SetTask, "/reward_node/set_task")
         self.rec_start = self.node.create_client(StartEpisode, "/refinement_node/start_episode")
         self.rec_stop = self.node.create_client(StopEpisode, "/refinement_node/stop_episode")
-        self.types = {"Trigger": Trigger, "SetTask": SetTask, "StartEpisode": StartEpisode, "StopEpisode": StopEpisode}
+        self.types = {
+            "Trigger": Trigger,
+            "SetTask": SetTask,
+            "StartEpisode": StartEpisode,
+            "StopEpisode": StopEpisode,
+        }
 
     def wait_ready(self, nodes: list[NodeProcess]) -> None:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
-        clients = (self.sim_start, self.set_task, self.rec_start, self.rec_stop)
+        clients = (self.sim_start, self.sim_result, self.set_task, self.rec_start, self.rec_stop)
         while not all(c.service_is_ready() for c in clients):
             for n in nodes:
                 n.check()
             if time.monotonic() > deadline:
-                raise DemoError(f"the nodes did not come up within {NODE_START_TIMEOUT_S:.0f} s (logs in {nodes[0].log_path.parent})")
+                raise DemoError(
+                    f"the nodes did not come up within {NODE_START_TIMEOUT_S:.0f} s (logs in {nodes[0].log_path.parent})"
+                )
             self.rclpy.spin_once(self.node, timeout_sec=0.2)
         # The reward node answers set_task only once it is active (model loaded).
         while True:
@@ -527,13 +538,21 @@ class DemoClient:
         if not started.success:
             raise DemoError(f"sim_robot_node start_episode: {started.message}")
         deadline = time.monotonic() + EPISODE_TIMEOUT_S
-        while len(self.results) <= seen:
+        episode = json.loads(started.message)["episode"]
+        result, next_poll = None, time.monotonic() + 2.0
+        while result is None:
+            if len(self.results) > seen and self.results[-1]["episode"] == episode:
+                result = self.results[-1]
+            elif time.monotonic() > next_poll:  # the latched topic is the fast path; polling the safe one
+                polled = self.call(self.sim_result, T["Trigger"].Request(), timeout=10.0)
+                if polled.success and json.loads(polled.message)["episode"] == episode:
+                    result = json.loads(polled.message)
+                next_poll = time.monotonic() + 2.0
             if time.monotonic() > deadline:
                 raise DemoError(f"the sim episode did not finish within {EPISODE_TIMEOUT_S:.0f} s")
             for n in nodes:
                 n.check()
             self.rclpy.spin_once(self.node, timeout_sec=0.1)
-        result = self.results[-1]
         # Wait for the reward of the last frame (or a little while): the recorder keeps what came.
         last = result["last_stamp"] - 1e-6
         wait_until = time.monotonic() + 10.0
@@ -546,7 +565,9 @@ class DemoClient:
         truth = "success" if result["success"] else "failure"
         stop = self.call(
             self.rec_stop,
-            T["StopEpisode"].Request(outcome=0, notes=f"simulator ground truth: {truth} (seed {result['seed']})"),
+            T["StopEpisode"].Request(
+                outcome=0, notes=f"simulator ground truth: {truth} (seed {result['seed']})"
+            ),
         )
         if stop.result != stop.RESULT_OK:
             raise DemoError(f"refinement_node stop_episode: {stop.message}")
@@ -760,7 +781,7 @@ def write_report(out: Path, state: RunState, timings: dict) -> Path:
         + html.escape(
             ". scripts/env.sh\n"
             "ros2 run lrm_reward sim_robot_node --ros-args -p controller:=expert -p rate_hz:=10\n"
-            "ros2 launch lrm_reward reward.launch.py image:=/camera/image task:=\"" + TASK + "\" \\\n"
+            'ros2 launch lrm_reward reward.launch.py image:=/camera/image task:="' + TASK + '" \\\n'
             f"    model_path:={reward['base']} adapters:={reward['adapters']} device:=cpu use_rviz:=true\n"
             "ros2 service call /sim_robot_node/start_episode std_srvs/srv/Trigger\n"
             "rqt_plot /reward_node/reward/progress /reward_node/reward/completion_prob\n"
@@ -788,14 +809,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny everything, a few short episodes (~3 min)")
     p.add_argument("--out", default=str(REPO / "out" / "demo"), help="output folder (default out/demo)")
     p.add_argument("--restart", action="store_true", help="start clean instead of continuing a run")
-    p.add_argument("--lrm-weights", default=None, help="folder with base/ (Qwen3-VL) and progress/ completion/ adapters")
+    p.add_argument(
+        "--lrm-weights", default=None, help="folder with base/ (Qwen3-VL) and progress/ completion/ adapters"
+    )
     p.add_argument("--device", default="cpu", help="torch device for the reward model and the policy")
     p.add_argument("--demos", type=int, default=None, help="expert demonstrations to collect")
     p.add_argument("--episodes", type=int, default=None, help="rollouts per round")
     p.add_argument("--max-steps", type=int, default=None, help="steps per episode (10 per second)")
     p.add_argument("--action-sigma", type=float, default=0.15, help="expert action noise")
     p.add_argument("--grasp-offset", type=float, default=0.01, help="[m] expert grasp offset std")
-    p.add_argument("--reward-steps", type=int, default=None, help="reward adapter training steps per modality")
+    p.add_argument(
+        "--reward-steps", type=int, default=None, help="reward adapter training steps per modality"
+    )
     p.add_argument("--policy-steps", type=int, default=None, help="ACT training steps on the demonstrations")
     p.add_argument("--refine-steps", type=int, default=None, help="ACT refinement steps")
     p.add_argument("--interval-frames", type=int, default=5, help="reward_node queries every k frames")
@@ -858,7 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     done = state.data["done"]
     r1, r2 = done["rollout1"], done["rollout2"]
-    say(f"success before: {r1['successes']}/{len(r1['episodes'])}, after: {r2['successes']}/{len(r2['episodes'])}")
+    say(
+        f"success before: {r1['successes']}/{len(r1['episodes'])}, after: {r2['successes']}/{len(r2['episodes'])}"
+    )
     for stage in ("judge1", "judge2"):
         say(f"{stage}: accuracy {done[stage]['accuracy']} confusion {done[stage]['matrix']}")
     say(f"total {time.monotonic() - t_all:.0f} s; report: {done['report']['path']}")

@@ -15,7 +15,8 @@ last frame stamps). Topic in: ``action`` (std_msgs/Float64MultiArray ``[dx, dy, 
 Services (std_srvs/Trigger): ``~/start_episode`` resets the scene with the next seed (``seed`` +
 episodes started since ``seed`` was last set) and runs it with the configured controller until success,
 the cube leaves the workspace or ``max_steps``; ``~/stop_episode`` ends the running episode (published as
-not successful); ``~/reset`` resets without running (publishes the first frame).
+not successful); ``~/reset`` resets without running (publishes the first frame); ``~/last_result``
+answers the JSON of the last finished episode (success false while one runs), for clients that poll.
 
 Controllers: ``expert`` (the noisy scripted expert, ``expert.action_sigma`` / ``expert.grasp_offset_m``),
 ``policy`` (a LeRobot policy checkpoint: a ``pretrained_model`` folder or a policy store version such as
@@ -62,7 +63,9 @@ from lrm_reward.sim.so101_scene import (
 
 CONTROLLERS = ("expert", "policy", "external")
 EXTERNAL_ACTION_TIMEOUT_S = 5.0  # an external controller silent this long ends the episode (not success)
-LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(
+    depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE
+)
 
 
 def _stamp(seconds: float):
@@ -155,6 +158,9 @@ class SimRobotNode(Node):
         self.create_service(Trigger, "~/start_episode", self._on_start, callback_group=control)
         self.create_service(Trigger, "~/stop_episode", self._on_stop, callback_group=ReentrantCallbackGroup())
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=control)
+        self.create_service(
+            Trigger, "~/last_result", self._on_last_result, callback_group=ReentrantCallbackGroup()
+        )
         self.create_subscription(
             Float64MultiArray, "action", self._on_action, 10, callback_group=ReentrantCallbackGroup()
         )
@@ -165,6 +171,7 @@ class SimRobotNode(Node):
         self._external_event = threading.Event()
         self._stop_requested = threading.Event()
         self._running = False
+        self._last_result = ""
         self._episode = -1
         self._seed_base = int(self.get_parameter("seed").value)
         self._seed_offset = 0
@@ -188,7 +195,9 @@ class SimRobotNode(Node):
     def _on_parameters(self, params) -> SetParametersResult:
         for param in params:
             if param.name == "controller" and param.value not in CONTROLLERS:
-                return SetParametersResult(successful=False, reason=f"controller must be one of {CONTROLLERS}")
+                return SetParametersResult(
+                    successful=False, reason=f"controller must be one of {CONTROLLERS}"
+                )
             if param.name in ("image_size", "max_steps", "random_layout", "rate_hz", "frame_id"):
                 return SetParametersResult(successful=False, reason=f"{param.name} is read at startup")
             if param.name == "seed":
@@ -232,6 +241,11 @@ class SimRobotNode(Node):
             return response
         self._stop_requested.set()
         response.success, response.message = True, "stopping"
+        return response
+
+    def _on_last_result(self, request, response):
+        response.success = bool(self._last_result) and not self._running
+        response.message = self._last_result
         return response
 
     def _on_reset(self, request, response):
@@ -375,7 +389,8 @@ class SimRobotNode(Node):
             "note": note,
             "policy_path": str(self._policy.path) if controller == "policy" and self._policy else "",
         }
-        self._result_pub.publish(String(data=json.dumps(result)))
+        self._last_result = json.dumps(result)
+        self._result_pub.publish(String(data=self._last_result))
         self.get_logger().info(
             f"episode {episode} (seed {seed}, {controller}): {'SUCCESS' if success else 'failure'} "
             f"after {steps} steps{' - ' + note if note else ''}"
