@@ -244,7 +244,8 @@ def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:
         if not (base / "config.json").is_file() or missing:
             raise DemoError(
                 f"--lrm-weights {weights}: expected a Qwen3-VL folder (base/ or the folder itself, with "
-                f"config.json) and adapter folders progress/ completion/ (missing: {missing or 'config.json'})"
+                "config.json) and adapter folders progress/ completion/ "
+                f"(missing: {missing or 'config.json'})"
             )
         return {"base": str(base), "adapters": str(adapters), "trained": False}
     from lrm_reward.adaptation import train
@@ -501,7 +502,8 @@ class DemoClient:
                 n.check()
             if time.monotonic() > deadline:
                 raise DemoError(
-                    f"the nodes did not come up within {NODE_START_TIMEOUT_S:.0f} s (logs in {nodes[0].log_path.parent})"
+                    f"the nodes did not come up within {NODE_START_TIMEOUT_S:.0f} s "
+                    f"(logs in {nodes[0].log_path.parent})"
                 )
             self.rclpy.spin_once(self.node, timeout_sec=0.2)
         # The reward node answers set_task only once it is active (model loaded).
@@ -713,7 +715,8 @@ def write_report(out: Path, state: RunState, timings: dict) -> Path:
         if roll:
             rows.append(
                 f"<tr><td>{name}</td><td>{html.escape(roll['policy_version'])}</td>"
-                f"<td>{roll['successes']} / {len(roll['episodes'])}</td><td>{roll['success_rate']:.0%}</td></tr>"
+                f"<td>{roll['successes']} / {len(roll['episodes'])}</td>"
+                f"<td>{roll['success_rate']:.0%}</td></tr>"
             )
     parts.append(
         "<h2>Success rate (simulator ground truth)</h2><table><tr><th>round</th><th>policy</th>"
@@ -723,7 +726,8 @@ def write_report(out: Path, state: RunState, timings: dict) -> Path:
     parts.append(
         f"<p>Demonstrations: the noisy scripted expert succeeded in {demos['successes']} of "
         f"{len(demos['episodes'])} episodes; the policy was trained on the successes "
-        f"({html.escape(r['policy']['version'])}). Refinement used {r.get('refine', {}).get('judged_successes_used', 0)} "
+        f"({html.escape(r['policy']['version'])}). "
+        f"Refinement used {r.get('refine', {}).get('judged_successes_used', 0)} "
         f"judged successes plus {r.get('refine', {}).get('demos_used', 0)} demonstrations "
         f"(&rarr; {html.escape(r.get('refine', {}).get('version', '-'))}).</p>"
     )
@@ -736,7 +740,8 @@ def write_report(out: Path, state: RunState, timings: dict) -> Path:
     n = sum(total.values())
     acc = f"{(total['tp'] + total['tn']) / n:.0%} of {n} episodes" if n else "no judged episodes"
     parts.append(
-        "<h2>Judge vs. ground truth</h2><table><tr><th></th><th>judged success</th><th>judged failure</th></tr>"
+        "<h2>Judge vs. ground truth</h2><table>"
+        "<tr><th></th><th>judged success</th><th>judged failure</th></tr>"
         f"<tr><th>really succeeded</th><td>{total['tp']}</td><td>{total['fn']}</td></tr>"
         f"<tr><th>really failed</th><td>{total['fp']}</td><td>{total['tn']}</td></tr></table>"
         f"<p>Judge accuracy: {acc}.</p>"
@@ -796,7 +801,8 @@ def write_report(out: Path, state: RunState, timings: dict) -> Path:
         "body{font-family:sans-serif;max-width:980px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px}.ep{margin:12px 0}"
     )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>lrm demo</title><style>{style}</style></head>"
+    page = "<!doctype html><html><head><meta charset='utf-8'><title>lrm demo</title>"
+    page += f"<style>{style}</style></head>"
     page += "<body>" + "\n".join(parts) + "</body></html>"
     path = out / "report.html"
     path.write_text(page)
@@ -884,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     done = state.data["done"]
     r1, r2 = done["rollout1"], done["rollout2"]
     say(
-        f"success before: {r1['successes']}/{len(r1['episodes'])}, after: {r2['successes']}/{len(r2['episodes'])}"
+        f"success before: {r1['successes']}/{len(r1['episodes'])}, "
+        f"after: {r2['successes']}/{len(r2['episodes'])}"
     )
     for stage in ("judge1", "judge2"):
         say(f"{stage}: accuracy {done[stage]['accuracy']} confusion {done[stage]['matrix']}")

@@ -3,7 +3,9 @@
 # loopback, so no DDS packet can leave this machine. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+set +u  # colcon's setup.bash reads unset variables
 . scripts/env.sh
+set -u
 
 echo "[test] ruff check + format check"
 ruff check .

@@ -32,6 +32,16 @@ fi
 command -v cmake >/dev/null 2>&1 || die "cmake not found: install it (Debian/Ubuntu: apt-get install cmake g++)"
 command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || die "no C++ compiler: install g++ (apt-get install g++)"
 
+# The demo's simulator renders headless through EGL (MuJoCo): Mesa's EGL and DRI drivers.
+if ! ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Mesa EGL for headless rendering (libegl1 libgl1-mesa-dri)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libegl1 libgl1-mesa-dri >/dev/null
+  else
+    die "headless rendering needs Mesa EGL: sudo apt-get install libegl1 libgl1-mesa-dri"
+  fi
+fi
+
 # --- venv --------------------------------------------------------------------------------------------------
 if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
   say "creating $VENV with $PY"
@@ -43,7 +53,7 @@ if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12)
     "$PY" -m venv "$VENV"
   fi
 fi
-REQS=(requirements/ml.txt requirements/dev.txt)
+REQS=(requirements/ml.txt requirements/dev.txt requirements/sim.txt)
 [ "$LRM_ROS" = wheels ] && REQS+=(requirements/ros-wheels.txt)
 stamp="$VENV/.lrm-requirements.sha"
 want=$(cat "${REQS[@]}" requirements/constraints.txt | sha256sum | cut -c1-16)-$LRM_ROS

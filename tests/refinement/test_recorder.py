@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recorder_scenarios import make_recorder
 from synthetic_streams import ACTION_NAMES, STATE_NAMES, action_for, feed_episode, state_for
 
 from lrm_reward.refinement.recorder import (
@@ -25,12 +26,6 @@ from lrm_reward.refinement.recorder import (
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "recorder_scenarios.py"
-
-
-def make_recorder(root: Path, **overrides) -> EpisodeRecorder:
-    cfg = dict(data_root=root, cameras=("front",), fps=10, dataset_name="run", image_writer_threads=0)
-    cfg.update(overrides)
-    return EpisodeRecorder(RecorderConfig(**cfg))
 
 
 def load(root: Path, name: str = "run"):
@@ -78,6 +73,18 @@ def test_resampling_reports_missing_streams():
 
 
 # ------------------------------------------------------------------ recording into LeRobotDataset
+def test_without_rewards_the_dataset_has_no_reward_features(tmp_path):
+    rec = make_recorder(tmp_path, rewards=False)
+    rec.start("put the giraffe in the bowl")
+    feed_episode(rec, t_start=1000.0, duration_s=1.0)
+    result = rec.stop("unknown")
+    assert result.status is SaveStatus.SAVED, result.message
+    rec.close()
+    ds = load(tmp_path)
+    assert ds.num_episodes == 1
+    assert not [key for key in ds.features if key.startswith("reward.")]
+
+
 def test_two_episodes_load_with_stock_lerobot_and_carry_rewards_and_sidecars(tmp_path):
     rec = make_recorder(tmp_path)
     for i in range(2):

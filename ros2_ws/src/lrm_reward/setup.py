@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "reward_node = lrm_reward.ros.reward_node:main",
             "refinement_node = lrm_reward.ros.refinement_node:main",
+            "sim_robot_node = lrm_reward.ros.sim_robot_node:main",
             "lrm-judge = lrm_reward.refinement.judge:main",
             "lrm-refine = lrm_reward.refinement.refine:main",
             "lrm-train-reward = lrm_reward.adaptation.train:main",

@@ -442,7 +442,15 @@ class EpisodeRecorder:
             return StopResult(SaveStatus.EMPTY, f"no complete frame recorded ({why}); nothing saved", **base)
 
         features = self._features({cam: images[cam].shape[1:] for cam in images})
-        frames = _FrameSource(plan, images, cam_stamps, state_values, action_values, reward_values, ep.task)
+        frames = _FrameSource(
+            plan,
+            images,
+            cam_stamps,
+            state_values,
+            action_values,
+            reward_values if self.cfg.rewards else None,
+            ep.task,
+        )
         sidecar = self._sidecar(ep, outcome, notes, plan, required)
         try:
             self._append(root, features, frames, sidecar)
@@ -626,10 +634,11 @@ class _FrameSource:
                 frame[IMAGE_KEY_PREFIX + cam] = np.asarray(arr[sample])
             frame[STATE_KEY] = self.state[idx["state"][k]]
             frame[ACTION_KEY] = self.action[idx["action"][k]]
-            r = idx["reward"][k]
-            values = self.reward[r] if r >= 0 else nan3
-            for j, key in enumerate(REWARD_KEYS):
-                frame[key] = values[j : j + 1].astype(np.float32)
+            if self.reward is not None:  # None: the dataset has no reward.* features
+                r = idx["reward"][k]
+                values = self.reward[r] if r >= 0 else nan3
+                for j, key in enumerate(REWARD_KEYS):
+                    frame[key] = values[j : j + 1].astype(np.float32)
             yield frame
 
 

@@ -72,7 +72,7 @@ def _stamp(seconds: float):
     from builtin_interfaces.msg import Time
 
     sec = int(seconds)
-    return Time(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+    return Time(sec=sec, nanosec=round((seconds - sec) * 1e9) % 1_000_000_000)
 
 
 class LeRobotPolicyController:

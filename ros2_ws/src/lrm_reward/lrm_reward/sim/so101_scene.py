@@ -16,6 +16,7 @@ rendered scene, never to the physics model, so it cannot collide with anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -208,10 +209,8 @@ class So101Scene:
     def close(self) -> None:
         for closer in (getattr(self, "_renderer", None), getattr(self, "_env", None)):
             if closer is not None:
-                try:
+                with contextlib.suppress(Exception):  # teardown must not mask the caller's own error
                     closer.close()
-                except Exception:  # teardown must not mask the caller's own error
-                    pass
         self._renderer = None
         self._env = None
 
