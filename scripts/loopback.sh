@@ -10,9 +10,9 @@ export RMW_IMPLEMENTATION=${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}
 export ROS_LOG_DIR=${ROS_LOG_DIR:-$(mktemp -d /tmp/lrm-roslog.XXXXXX)}
 shm_before=$(mktemp)
 trap 'rm -f "$shm_before"' EXIT
-{ ls /dev/shm 2>/dev/null | grep '^fastdds_' || true; } | sort > "$shm_before"
+{ ls /dev/shm 2>/dev/null | grep -E '^(sem\.)?fastdds_' || true; } | sort > "$shm_before"
 status=0
 "${NS[@]}" bash -c 'ip link set lo up && exec "$@"' loopback "$@" || status=$?
-{ ls /dev/shm 2>/dev/null | grep '^fastdds_' || true; } | sort | comm -13 "$shm_before" - \
+{ ls /dev/shm 2>/dev/null | grep -E '^(sem\.)?fastdds_' || true; } | sort | comm -13 "$shm_before" - \
   | sed 's|^|/dev/shm/|' | xargs -r rm -f
 exit $status

@@ -29,7 +29,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -46,6 +46,7 @@ from lrm_reward.refinement.recorder import (
     SaveStatus,
 )
 from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from lrm_reward.ros.spinning import spin_until_shutdown
 
 OUTCOMES = {
     StopEpisode.Request.OUTCOME_UNKNOWN: EpisodeOutcome.UNKNOWN,
@@ -426,19 +427,7 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     """Entry point of `ros2 run lrm_reward refinement_node`."""
     rclpy.init(args=args if args is not None else sys.argv)
     node = RefinementNode(engine_factory=engine_factory)
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.shutdown_cleanly()
-        executor.shutdown()
-        node.destroy_node()
-        with contextlib.suppress(Exception):
-            rclpy.try_shutdown()
-    return 0
+    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=4))
 
 
 if __name__ == "__main__":

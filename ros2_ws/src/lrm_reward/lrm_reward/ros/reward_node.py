@@ -51,7 +51,6 @@ import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -76,6 +75,7 @@ from lrm_reward.ros.image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
+from lrm_reward.ros.spinning import spin_until_shutdown
 
 NODE_NAME = "reward_node"
 MULTI_CAMERA_MODES = ("per_camera", "paired")
@@ -900,19 +900,15 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     """Entry point of ``ros2 run lrm_reward reward_node``; engine_factory is for fault-injection tests."""
     rclpy.init(args=args if args is not None else sys.argv)
     node = RewardNode(engine_factory=engine_factory)
-    try:
-        autostart = node.get_parameter("autostart").value
-        if autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+
+    def autostart() -> None:
+        if (
+            node.get_parameter("autostart").value
+            and node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        ):
             node.trigger_activate()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.shutdown_cleanly()
-        node.destroy_node()
-        with contextlib.suppress(Exception):
-            rclpy.try_shutdown()
-    return 0
+
+    return spin_until_shutdown(node, startup=autostart)
 
 
 if __name__ == "__main__":

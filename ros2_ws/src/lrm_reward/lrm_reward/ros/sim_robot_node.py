@@ -41,7 +41,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
@@ -49,6 +49,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from lrm_reward.ros.image_conversion import rgb_to_image_msg
+from lrm_reward.ros.spinning import spin_until_shutdown
 from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
 from lrm_reward.sim.so101_scene import (
     ACTION_NAMES,
@@ -412,19 +413,7 @@ def main(args: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             rclpy.try_shutdown()
         return 1
-    executor = MultiThreadedExecutor(num_threads=3)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.shutdown_cleanly()
-        executor.shutdown()
-        node.destroy_node()
-        with contextlib.suppress(Exception):
-            rclpy.try_shutdown()
-    return 0
+    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=3))
 
 
 if __name__ == "__main__":
