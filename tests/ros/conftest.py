@@ -8,15 +8,14 @@ network namespace with nothing but loopback (scripts/run_tests.sh arranges both)
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from node_process import NodeProcess
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "ros2_ws" / "install"
@@ -46,34 +45,6 @@ def installed_executable(package: str, executable: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: run scripts/setup.sh (colcon build) first")
     return path
-
-
-class NodeProcess:
-    """An installed node running in a child process, with its output captured to a log file."""
-
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]):
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

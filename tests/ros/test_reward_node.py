@@ -13,15 +13,14 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import yaml
+from node_process import NodeProcess
 
 pytestmark = pytest.mark.ros
 
@@ -547,40 +546,13 @@ sys.exit(reward_node.main(engine_factory=FailingEngine))
 """
 
 
-class ScriptProcess:
-    """A node started from a Python snippet (for fault injection); stops like NodeProcess."""
-
-    def __init__(self, argv: list[str], log_path: Path) -> None:
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.log_path = log_path
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
 def test_engine_faults_and_overload_leave_no_frame_unanswered(ros_node, tiny_lrm, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump({"reward_node": {"ros__parameters": node_params(tiny_lrm, interval_frames=1)}})
     )
     argv = [sys.executable, "-c", FAILING_ENGINE_MAIN, "--ros-args", "--params-file", str(params), *REMAP]
-    process = ScriptProcess(argv, tmp_path / "failing.log")
+    process = NodeProcess(argv, tmp_path / "failing.log", dict(os.environ))
     try:
         probe = Probe(ros_node, process)
         probe.wait_connected(probe.raw)
