@@ -40,6 +40,7 @@ import numpy as np
 
 from lrm_reward.adaptation import samples as S
 from lrm_reward.core.types import Modality
+from lrm_reward.durable_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +447,7 @@ def _write_split(cfg: TrainConfig, episode_set: S.EpisodeSet, train_eps, held_ou
         "held_out": [str(ep.key) for ep in held_out],
         "episodes": episode_set.summary(),
     }
-    _write_json_atomic(cfg.output_dir / SPLIT_FILE, split)
+    write_json_atomic(cfg.output_dir / SPLIT_FILE, split)
 
 
 def _run_fingerprint(cfg: TrainConfig, modality: Modality, samples: list[S.Sample], base: dict) -> str:
@@ -760,7 +761,7 @@ def _save_checkpoint(ckpt_root, step, run_id, model, optimizer, scheduler, scale
         tmp / "optimizer.pt",
     )
     # The state file is written last: a folder without it is an interrupted save and is ignored.
-    _write_json_atomic(
+    write_json_atomic(
         tmp / "trainer_state.json",
         {
             "step": step,
@@ -818,16 +819,10 @@ def _save_adapter(model, final_dir: Path, modality: Modality, metadata: dict) ->
     config = json.loads(config_path.read_text())
     config["inference_mode"] = True
     config_path.write_text(json.dumps(config, indent=2))
-    _write_json_atomic(tmp / METADATA_FILE, metadata)
+    write_json_atomic(tmp / METADATA_FILE, metadata)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:

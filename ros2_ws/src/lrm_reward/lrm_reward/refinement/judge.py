@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import fcntl
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lrm_reward.core.types import Answer, Modality, Query
+from lrm_reward.durable_files import try_exclusive_lock, write_json_atomic
 from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
 
 log = logging.getLogger(__name__)
@@ -313,7 +312,7 @@ def judge_dataset(
         judged = []
         for e in _progress(todo, progress_bar, f"judging {root.name}"):
             j = judge_episode(frames, e, engine, cfg)
-            _write_json_atomic(judgment_path(root, e), j.to_json())
+            write_json_atomic(judgment_path(root, e), j.to_json())
             judged.append(j)
         return JudgeRunResult(judged=judged, skipped=skipped, dataset=root)
 
@@ -331,13 +330,9 @@ class _judge_lock:
         self.path = root / JUDGMENTS_DIR / ".lock"
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self.handle.close()
-            raise JudgeBusyError(f"another judge is working on {self.path.parent.parent}") from exc
+        self.handle = try_exclusive_lock(self.path)
+        if self.handle is None:
+            raise JudgeBusyError(f"another judge is working on {self.path.parent.parent}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -350,16 +345,6 @@ def _read_sidecar(root: Path, episode_index: int) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,8 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from lrm_reward.durable_files import try_exclusive_lock
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 METADATA_FILE = "metadata.json"
@@ -121,15 +122,11 @@ class PolicyStore:
     # ------------------------------------------------------------------ writing
     def lock(self) -> None:
         """Take the run lock (non-blocking). Raises StoreBusyError when another run holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.dir / ".lock", "a+")  # noqa: SIM115 - kept open while locked
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.close()
+        handle = try_exclusive_lock(self.dir / ".lock")  # kept open while locked
+        if handle is None:
             raise StoreBusyError(
                 f"another refinement run is using policy store {self.dir} (lock {self.dir / '.lock'})"
-            ) from exc
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {_now_iso()}\n")

@@ -34,10 +34,8 @@ import contextlib
 import datetime as _dt
 import enum
 import errno
-import fcntl
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -47,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lrm_reward.durable_files import try_exclusive_lock, write_json_atomic
 from lrm_reward.refinement.dataset_journal import DatasetJournal
 from lrm_reward.refinement.episode_spool import CameraSpool, SpoolStorageError, VectorLog
 
@@ -542,7 +541,7 @@ class EpisodeRecorder:
                 ds.add_frame(frame)
             ds.save_episode(parallel_encoding=False)
             ds.finalize()
-            _write_json_atomic(root / SIDECAR_DIR / f"episode_{sidecar['episode_index']:06d}.json", sidecar)
+            write_json_atomic(root / SIDECAR_DIR / f"episode_{sidecar['episode_index']:06d}.json", sidecar)
         except BaseException:
             _neutralize(ds)
             journal.recover()
@@ -601,14 +600,11 @@ class EpisodeRecorder:
     def _hold_dataset_lock(self, name: str) -> None:
         if name in self._lock_files:
             return
-        handle = open(self.cfg.data_root / f".{name}.lock", "a+")  # noqa: SIM115 - held for our lifetime
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.close()
+        handle = try_exclusive_lock(self.cfg.data_root / f".{name}.lock")  # held for our lifetime
+        if handle is None:
             raise RecorderBusyError(
                 f"another recorder is writing dataset {name!r} under {self.cfg.data_root}"
-            ) from exc
+            )
         self._lock_files[name] = handle
 
 
@@ -708,16 +704,6 @@ def _total_episodes(root: Path) -> int:
     if not info.exists():
         return 0
     return int(json.loads(info.read_text())["total_episodes"])
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _now_iso() -> str:
