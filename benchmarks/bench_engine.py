@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
-"""Reward-engine throughput: readout x batch size -> queries/s and p50/p95 latency per batch call.
+"""Reward-engine throughput, side by side: plain transformers vs each fast-path variant, one table.
 
-What this is for: knowing where the straightforward engine stands (CPU with the tiny model here; a GPU at
-the real Qwen3-VL-8B shape with random weights on a GPU machine) against the anchors in issue 3.
+What this is for: measuring the logits readout's fast path (issue 8) against the plain paths on the same
+model, in one run: queries/s, p50/p95 latency of one score() call, peak GPU memory, ratios to the plain
+transformers forward; plus a numerics check (fast vs plain on the same inputs) and the memory of the
+model + three adapters + prefix caches for 4 streams (the 24 GB question).
 What it is not: a test (no assertions) and not a quality measure (random or toy weights).
 
-Runs without ROS, lerobot, network or downloaded weights:
-    python benchmarks/bench_engine.py                 # --tiny on the CPU (default), ~1-2 min on 2 cores
-    python benchmarks/bench_engine.py --shape 8b      # Qwen3-VL-8B shape, random bf16, r=64 LoRA, CUDA
-    python benchmarks/bench_engine.py --shape 8b --cot   # adds the 256-token chain-of-thought row
-    python benchmarks/bench_engine.py --shape 8b --smoke # same code path at toy width, to check it on a CPU
+Runs from the repository alone with only torch + transformers + peft (no ROS, no lerobot, no network, no
+downloaded weights):
+    python benchmarks/bench_engine.py                        # tiny model on the CPU (default), ~2 min
+    python benchmarks/bench_engine.py --shape 8b             # Qwen3-VL-8B shape, random bf16, r=64, CUDA
+    python benchmarks/bench_engine.py --shape 8b --smoke     # the 8B code path at toy width, on a CPU
+    python benchmarks/bench_engine.py --shape 8b --cot       # adds the 256-token chain-of-thought row
 
-Every query carries 640x480 frames (progress: initial + current).
+Variants (progress queries, two 640x480 frames each: the stream's initial frame + a new one):
+- hf-forward: plain transformers -- processor + ONE forward over prompt + answer prefix, next-token logits
+  only (no answer-set scoring); the baseline every ratio is taken against.
+- plain: the engine's reference logits path (prompt pass, then a second pass scoring the answer trie).
+- one-pass: fast path without prefix reuse (answer trie scored inside the prompt's pass).
+- prefix-cache: fast path, steady state: every row is its own stream whose episode prefix (task + initial
+  frame) is cached, so only the new frame + answer prefix are prefilled.
+- prefix-miss: fast path on the first query of every stream (cache cleared before each call).
+- generate: greedy decoding of the JSON answer, as the authors serve it (batch 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -36,12 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ros2_ws" / "src" /
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lrm_reward.core import tiny_model  # noqa: E402
-from lrm_reward.core.engine import EngineConfig, LocalRewardEngine, make_engine  # noqa: E402
-from lrm_reward.core.loading import adopt_model  # noqa: E402
+from lrm_reward.core import prompts, readouts, tiny_model  # noqa: E402
+from lrm_reward.core.engine import EngineConfig, LocalRewardEngine  # noqa: E402
+from lrm_reward.core.loading import LoadedModel, adopt_model, load_model  # noqa: E402
 from lrm_reward.core.types import Modality, Query, Readout  # noqa: E402
 
 TASK = "put the carrot on the plate"
+GIB = 1024**3
 
 # Qwen/Qwen3-VL-8B-Instruct config.json, written out by hand (no download).
 QWEN3_VL_8B_TEXT = dict(
@@ -104,12 +117,26 @@ def frames(rng: np.random.Generator, n: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def stream_queries(
+    modality: Modality, streams: int, rng: np.random.Generator, initials=None, tasks=None
+) -> list[Query]:
+    """One query per stream: progress [initial of that stream, new frame]; completion [new frame]."""
+    initials = initials if initials is not None else frames(rng, streams)
+    tasks = tasks or [TASK] * streams
+    if modality is Modality.PROGRESS:
+        return [
+            Query(modality, task, [initial, frames(rng, 1)[0]])
+            for task, initial in zip(tasks, initials[:streams], strict=True)
+        ]
+    return [Query(modality, task, frames(rng, 1)) for task in tasks]
+
+
 def make_queries(modality: Modality, batch: int, rng: np.random.Generator, cot: bool = False) -> list[Query]:
     count = {Modality.PROGRESS: 2, Modality.CONTRASTIVE: 2, Modality.COMPLETION: 1}[modality]
     return [Query(modality, TASK, frames(rng, count), chain_of_thought=cot) for _ in range(batch)]
 
 
-def build_8b_engine(smoke: bool, device: str, r: int) -> LocalRewardEngine:
+def build_8b_model(smoke: bool, device: str, r: int) -> LoadedModel:
     """Random Qwen3-VL-8B-shaped weights built directly on the device, three random LoRA adapters."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -153,50 +180,81 @@ def build_8b_engine(smoke: bool, device: str, r: int) -> LocalRewardEngine:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 1e-3)
-    cfg = EngineConfig(
-        base_model="Qwen3-VL-8B-shaped (random weights)" + (" smoke" if smoke else ""),
-        adapters={m.value: f"random r={r}" for m in tiny_model.ADAPTER_ORDER},
-        device=device,
-        dtype="float32" if device == "cpu" else "bfloat16",
-        max_batch_size=64,
-    )
-    return LocalRewardEngine(cfg, loaded=adopt_model(peft_model, processor, device, cfg.dtype))
+    return adopt_model(peft_model, processor, device, "float32" if device == "cpu" else "bfloat16")
 
 
-def build_tiny_engine(device: str) -> LocalRewardEngine:
-    root = Path(tempfile.gettempdir()) / "lrm_bench_tiny"
-    tiny = tiny_model.build_tiny_lrm(root, seed=0)
-    cfg = EngineConfig(
-        str(tiny.base),
-        {name: str(path) for name, path in tiny.adapters.items()},
-        device=device,
-        max_batch_size=64,
-    )
-    return make_engine(cfg)
+def build_8b_engine(smoke: bool, device: str, r: int, **cfg_changes) -> LocalRewardEngine:
+    loaded = build_8b_model(smoke, device, r)
+    return LocalRewardEngine(base_config(loaded, "8b", smoke, r, **cfg_changes), loaded=loaded)
 
 
-def measure(engine, queries: list[Query], repeats: int, warmup: int) -> dict:
+def build_tiny_model(device: str) -> LoadedModel:
+    tiny = tiny_model.build_tiny_lrm(Path(tempfile.gettempdir()) / "lrm_bench_tiny", seed=0)
+    adapters = {name: str(path) for name, path in tiny.adapters.items()}
+    return load_model(str(tiny.base), adapters, device=device)
+
+
+def base_config(loaded: LoadedModel, shape: str, smoke: bool, r: int, **changes) -> EngineConfig:
+    if shape == "8b":
+        name = "Qwen3-VL-8B-shaped (random weights)" + (" smoke" if smoke else "")
+        adapters = {m.value: f"random r={r}" for m in tiny_model.ADAPTER_ORDER}
+    else:
+        name, adapters = "tiny Qwen3-VL (built offline)", {m.value: "tiny" for m in tiny_model.ADAPTER_ORDER}
+    dtype = "float32" if loaded.dtype == torch.float32 else "bfloat16"
+    cfg = EngineConfig(name, adapters, device=str(loaded.device), dtype=dtype, max_batch_size=64)
+    return dataclasses.replace(cfg, **changes)
+
+
+class HfForward:
+    """Plain transformers: processor + one forward over prompt + answer prefix; next-token argmax only."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def score(self, queries: list[Query]) -> list:
+        loaded = self.loaded
+        loaded.model.set_adapter(Modality(queries[0].modality).value)
+        prefix = prompts.PROMPT_SPECS[Modality(queries[0].modality)].answer_prefix
+        texts = [readouts.prompt_text(loaded.processor, q, 2000) + prefix for q in queries]
+        inputs = readouts.encode_batch(loaded.processor, texts, queries, loaded.device)
+        with torch.inference_mode():
+            logits = loaded.model(**inputs, logits_to_keep=1).logits[:, -1]
+            return logits.argmax(dim=-1).tolist()
+
+
+def measure(scorer, queries: list[Query], repeats: int, warmup: int, cuda: bool, before_each=None) -> dict:
+    """Times repeats calls of scorer.score(queries); before_each runs untimed before every call."""
     for _ in range(warmup):
-        engine.score(queries)
-    times = []
-    unparsed = 0
+        if before_each:
+            before_each()
+        scorer.score(queries)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, errors = [], 0
     for _ in range(repeats):
-        if torch.cuda.is_available():
+        if before_each:
+            before_each()
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        answers = engine.score(queries)
-        if torch.cuda.is_available():
+        answers = scorer.score(queries)
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        unparsed += sum(1 for a in answers if a.error and a.value is None)
+        errors += sum(1 for a in answers if getattr(a, "error", None) and getattr(a, "value", 0) is None)
     times.sort()
-    p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
     return dict(
         qps=len(queries) * len(times) / sum(times),
         p50=statistics.median(times),
-        p95=p95,
-        errors=unparsed,
+        p95=times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+        errors=errors,
+        peak=torch.cuda.max_memory_allocated() if cuda else None,
     )
+
+
+def gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
 
 
 def run(args) -> None:
@@ -207,48 +265,160 @@ def run(args) -> None:
         )
     if device == "cpu":
         torch.set_num_threads(args.threads)
+    cuda = device.startswith("cuda")
     started = time.perf_counter()
-    engine = (
-        build_8b_engine(args.smoke, device, args.rank) if args.shape == "8b" else build_tiny_engine(device)
-    )
+    loaded = build_8b_model(args.smoke, device, args.rank) if args.shape == "8b" else build_tiny_model(device)
     load_s = time.perf_counter() - started
-    rng = np.random.default_rng(0)
+    if cuda:
+        torch.cuda.synchronize()
+    weights_bytes = torch.cuda.memory_allocated() if cuda else None
     small = args.shape == "tiny" or args.smoke
-    repeats = args.repeats or (10 if small else 20)
+    max_batch = max(args.batches)
 
-    rows = []
-    for batch in args.batches:
-        rows.append(("logits", "progress", batch, make_queries(Modality.PROGRESS, batch, rng), None))
-    rows.append(("generate 16 tok", "progress", 1, make_queries(Modality.PROGRESS, 1, rng), 16))
-    if args.cot:
-        rows.append(
-            ("CoT 256 tok", "contrastive", 1, make_queries(Modality.CONTRASTIVE, 1, rng, cot=True), 256)
+    def engine(**changes) -> LocalRewardEngine:
+        return LocalRewardEngine(
+            base_config(loaded, args.shape, args.smoke, args.rank, **changes), loaded=loaded
         )
 
-    print(f"# engine benchmark: {engine.model_id}")
-    print(f"# device: {describe_device(device)}; torch {torch.__version__}; load/build {load_s:.1f} s")
-    print(f"# progress prompt: {prompt_tokens(engine, rows[0][3][0])} tokens with two 640x480 frames")
-    print("| readout | modality | batch | queries/s | p50 batch (ms) | p95 batch (ms) | unparsed |")
-    print("|---|---|---|---|---|---|---|")
-    for name, modality, batch, queries, new_tokens in rows:
-        engine.cfg.readout = Readout.GENERATE if new_tokens else Readout.LOGITS
-        if new_tokens:
-            engine.cfg.max_new_tokens[Modality(modality).value] = new_tokens
-        reps = repeats if not new_tokens or small else max(3, repeats // 4)
-        result = measure(engine, queries, reps, warmup=1 if small else 2)
+    # each row is its own stream; the prefix cache holds every stream of the largest batch
+    cache_room = dict(prefix_cache_entries=2 * max_batch + 8, prefix_cache_bytes=args.cache_gib * GIB)
+    variants = {
+        "hf-forward": HfForward(loaded),
+        "plain": engine(fast_path=False),
+        "one-pass": engine(prefix_cache=False),
+        "prefix-cache": engine(**cache_room),
+        "prefix-miss": engine(**cache_room),
+    }
+    rng = np.random.default_rng(0)
+    initials = frames(rng, max_batch)
+
+    import peft
+    import transformers
+
+    attn = loaded.model.get_base_model().config._attn_implementation
+    print(f"# engine benchmark: {variants['plain'].model_id}")
+    print(
+        f"# device: {describe_device(device)}; python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+        f"{loaded.dtype}, attention {attn}; build {load_s:.1f} s"
+    )
+    sample = stream_queries(Modality.PROGRESS, 1, rng, initials)[0]
+    print(f"# progress prompt: {prompt_tokens(loaded, sample)} tokens with two 640x480 frames", end="")
+    print(f"; weights + adapters on the GPU: {gib(weights_bytes)} GiB" if cuda else "")
+    print()
+    columns = (
+        "variant | batch | q/s | x hf-forward | p50 call ms | p95 call ms | peak GPU GiB | errors | fallbacks"
+    )
+    print(f"| {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch in args.batches:
+        queries = stream_queries(Modality.PROGRESS, batch, rng, initials)
+        repeats = args.repeats or (10 if small or batch > 8 else 20)
+        baseline = None
+        for name, scorer in variants.items():
+            before = None
+            if name == "prefix-miss":
+                before = scorer.prefix_cache.clear
+            fallbacks = fallback_count(scorer)
+            result = measure(scorer, queries, repeats, 1 if small else 2, cuda, before_each=before)
+            fallbacks = fallback_count(scorer) - fallbacks
+            baseline = baseline or result["qps"]
+            print(
+                f"| {name} | {batch} | {result['qps']:.2f} | {result['qps'] / baseline:.2f} | "
+                f"{result['p50'] * 1e3:.1f} | {result['p95'] * 1e3:.1f} | {gib(result['peak'])} | "
+                f"{result['errors']} | {fallbacks} |",
+                flush=True,
+            )
+    generate = engine(readout=Readout.GENERATE, max_new_tokens={"progress": 16})
+    rows = [("generate 16 tok", generate, stream_queries(Modality.PROGRESS, 1, rng, initials))]
+    if args.cot:
+        cot = engine(max_new_tokens={"contrastive": 256})
+        rows.append(
+            ("generate CoT 256 tok (contrastive)", cot, make_queries(Modality.CONTRASTIVE, 1, rng, True))
+        )
+    for name, scorer, queries in rows:
+        result = measure(scorer, queries, 3 if not small else 5, 1, cuda)
         print(
-            f"| {name} | {modality} | {batch} | {result['qps']:.2f} | {result['p50'] * 1e3:.1f} | "
-            f"{result['p95'] * 1e3:.1f} | {result['errors']} |",
+            f"| {name} | 1 | {result['qps']:.2f} | - | {result['p50'] * 1e3:.1f} | "
+            f"{result['p95'] * 1e3:.1f} | {gib(result['peak'])} | - | - |",
             flush=True,
         )
-    engine.close()
+
+    numerics(variants, initials, rng, min(8, max_batch))
+    for scorer in variants.values():  # the 24 GB question counts only the 4 streams' prefixes
+        if getattr(scorer, "prefix_cache", None) is not None:
+            scorer.prefix_cache.clear()
+    four_streams(loaded, engine, rng, cuda, weights_bytes)
 
 
-def prompt_tokens(engine: LocalRewardEngine, query: Query) -> int:
-    from lrm_reward.core.readouts import prompt_text
+def numerics(variants: dict, initials: list[np.ndarray], rng, batch: int) -> None:
+    """Fast vs plain on the same inputs: max |diff| of the expected value and argmax agreement."""
+    print()
+    print(f"# numerics: fast path vs plain path on the same {batch} progress + {batch} completion queries")
+    print("| variant | modality | max abs diff of expected value | argmax identical | fallbacks |")
+    print("|---|---|---|---|---|")
+    for modality in (Modality.PROGRESS, Modality.COMPLETION):
+        queries = stream_queries(modality, batch, rng, initials)
+        reference = variants["plain"].score(queries)
+        runs = [
+            ("one-pass", "one-pass"),
+            ("prefix-cache", "prefix-cache (miss)"),
+            ("prefix-cache", "prefix-cache (hit)"),
+        ]
+        variants["prefix-cache"].prefix_cache.clear()
+        for name, label in runs:
+            engine = variants[name]
+            before = fallback_count(engine)
+            answers = engine.score(queries)
+            fallbacks = fallback_count(engine) - before
+            diff = max(abs(a.value - b.value) for a, b in zip(answers, reference, strict=True))
+            same = all(argmax(a) == argmax(b) for a, b in zip(answers, reference, strict=True))
+            verdict = "yes" if same else "NO"
+            print(f"| {label} | {modality.value} | {diff:.2e} | {verdict} | {fallbacks} |")
 
-    processor = engine._loaded.processor
-    text = prompt_text(processor, query, engine.cfg.max_task_chars)
+
+def four_streams(loaded: LoadedModel, engine, rng, cuda: bool, weights_bytes: int | None) -> None:
+    """Memory with three adapters resident and prefix caches for 4 streams (progress + completion)."""
+    fast = engine(prefix_cache_entries=64, prefix_cache_bytes=64 * GIB)
+    initials = frames(rng, 4)
+    tasks = [f"{TASK} (stream {i})" for i in range(4)]  # own task per stream: own completion prefix too
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):  # three rounds: every stream queries progress and completion, all in one call
+        progress = stream_queries(Modality.PROGRESS, 4, rng, initials, tasks)
+        fast.score(progress + stream_queries(Modality.COMPLETION, 4, rng, tasks=tasks))
+    stats = fast.prefix_cache.stats()
+    print()
+    print("# 4 streams x (progress + completion), three adapters resident, prefix caches kept")
+    print(
+        "| cached prefixes | prefix cache MiB | weights+adapters GiB | peak alloc GiB | peak reserved GiB |"
+    )
+    print("|---|---|---|---|---|")
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    reserved = torch.cuda.max_memory_reserved() if cuda else None
+    cached = stats.bytes / 2**20
+    print(f"| {stats.entries} | {cached:.2f} | {gib(weights_bytes)} | {gib(peak)} | {gib(reserved)} |")
+    if cuda:
+        # a CUDA context takes roughly another 0.5 GiB outside the allocator
+        verdict = "fits" if reserved + 0.5 * GIB <= 24e9 else "does NOT fit"
+        print(f"# 24 GB card: {verdict} (peak reserved {reserved / 1e9:.1f} GB + ~0.5 GiB CUDA context)")
+
+
+def fallback_count(scorer) -> int:
+    """Batches the fast path handed to the plain path (a fast-path row with fallbacks measured plain)."""
+    stats = getattr(scorer, "stats", None)
+    return stats.fast_path_fallbacks if stats is not None else 0
+
+
+def argmax(answer) -> str:
+    return max(answer.probabilities, key=answer.probabilities.get)
+
+
+def prompt_tokens(loaded: LoadedModel, query: Query) -> int:
+    processor = loaded.processor
+    text = readouts.prompt_text(processor, query, 2000)
     return int(processor(text=[text], images=query.images, return_tensors="pt")["input_ids"].shape[1])
 
 
@@ -270,10 +440,11 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="logits batch sizes")
     parser.add_argument(
-        "--repeats", type=int, default=0, help="timed calls per row (default 10 small / 20 8b)"
+        "--repeats", type=int, default=0, help="timed calls per row (default 10 small or batch > 8, else 20)"
     )
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the random 8B adapters")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--cache-gib", type=int, default=8, help="prefix cache budget of the timed variants")
     args = parser.parse_args()
     if args.tiny:
         args.shape = "tiny"

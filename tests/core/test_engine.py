@@ -303,28 +303,42 @@ def test_max_batch_size_is_respected(tiny_lrm):
     assert all(a.parsed for a in answers)
 
 
-def test_cuda_oom_retries_at_half_batch_then_reports(logits_engine, monkeypatch):
-    real = readouts.score_answer_sets
+@pytest.fixture(scope="module")
+def plain_engine(tiny_lrm):
+    """The reference logits path (prompt pass + separate candidate pass, no prefix reuse)."""
+    engine = make_engine(EngineConfig(str(tiny_lrm.base), _adapters(tiny_lrm), fast_path=False))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_cuda_oom_retries_at_half_batch_then_reports(path, plain_engine, logits_engine, monkeypatch):
+    from lrm_reward.core.fast_readout import FastLogitsReadout
+
+    engine = plain_engine if path == "plain" else logits_engine
+    owner, name = (readouts, "score_answer_sets") if path == "plain" else (FastLogitsReadout, "score")
+    real = getattr(owner, name)
     seen = []
 
-    def fail_above_two(model, processor, queries, *args, **kwargs):
+    def fail_above_two(*args, **kwargs):
+        queries = next(a for a in args if isinstance(a, list))
         seen.append(len(queries))
         if len(queries) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, processor, queries, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(readouts, "score_answer_sets", fail_above_two)
+    monkeypatch.setattr(owner, name, fail_above_two)
     rng = np.random.default_rng(2)
     queries = [_query(K, level, rng) for level in (0.0, 0.2, 0.4, 0.6, 0.8)]
-    answers = logits_engine.score(queries)
+    answers = engine.score(queries)
     assert seen[0] == 5 and 2 in seen and max(seen[1:]) <= 3
     assert all(a.parsed for a in answers)
 
     def always_fail(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(readouts, "score_answer_sets", always_fail)
-    answers = logits_engine.score(queries[:2])
+    monkeypatch.setattr(owner, name, always_fail)
+    answers = engine.score(queries[:2])
     assert all(not a.parsed and "out of memory" in a.error for a in answers)
 
 
@@ -404,6 +418,9 @@ def test_closed_engine_answers_with_errors(tiny_lrm):
         (dict(max_batch_size=0), "max_batch_size"),
         (dict(max_new_tokens={"progress": 0}), "max_new_tokens"),
         (dict(max_new_tokens={"reward": 3}), "not a modality"),
+        (dict(prefix_cache_entries=0), "prefix_cache_entries"),
+        (dict(prefix_cache_bytes=-1), "prefix_cache_bytes"),
+        (dict(fast_path="yes"), "fast_path"),
     ],
 )
 def test_config_validation(kwargs, message):

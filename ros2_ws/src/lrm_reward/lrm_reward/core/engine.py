@@ -6,6 +6,11 @@ It validates queries, groups them by adapter and readout, runs as few batched fo
 or bad model output: failures come back as ``Answer(parsed=False, error=...)``.
 Backends sit behind a small registry; ``make_engine(cfg)`` builds one ("local" = in-process transformers).
 
+The logits readout takes the fast path (``fast_readout.py``) unless ``fast_path=False``: per-episode prompt
+prefixes (chat header, task, initial frame) are prefilled once per adapter and kept in a bounded LRU
+``PrefixCache`` (``prefix_cache=True``), and the answer set is scored in the same forward pass as the
+prompt. The plain path (``readouts.score_answer_sets``) stays as the numerical reference and the fallback.
+
 What it is not: no episode state, interval-hold or fusion (``tracking.py``), no ROS, no lerobot.
 torch / transformers / peft are imported lazily so light callers can import the config cheaply.
 """
@@ -63,6 +68,12 @@ class EngineConfig:
     chain_of_thought: bool = False  # default for contrastive queries (a Query can also ask for it)
     max_task_chars: int = 2000
     max_image_side: int = 8192
+    # Logits fast path: score the answer set in the prompt's own forward pass (False = the plain two-pass
+    # reference path), and with prefix_cache reuse each episode's prompt prefix KV (LRU, bounded both ways).
+    fast_path: bool = True
+    prefix_cache: bool = True
+    prefix_cache_entries: int = 32
+    prefix_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -98,7 +109,16 @@ class EngineConfig:
                 raise ValueError(f"max_new_tokens[{name!r}] must be an int >= 1, got {value!r}")
             merged[name] = value
         self.max_new_tokens = merged
-        for name in ("answer_max_new_tokens", "max_task_chars", "max_image_side"):
+        for name in ("fast_path", "prefix_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in (
+            "answer_max_new_tokens",
+            "max_task_chars",
+            "max_image_side",
+            "prefix_cache_entries",
+            "prefix_cache_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -120,6 +140,12 @@ class EngineStats:
     unparsed: int = 0
     errors: int = 0
     oom_retries: int = 0
+    # prefix lookups, one per distinct episode prefix in a batch: a miss computes it (new episode x adapter,
+    # or after eviction), a hit reuses it for every query of the batch that shares it
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    prefix_cache_evictions: int = 0
+    fast_path_fallbacks: int = 0  # logits batches answered by the plain path after the fast path failed
 
 
 class RewardEngine(abc.ABC):
@@ -216,10 +242,27 @@ class LocalRewardEngine(RewardEngine):
             for modality, spec in prompts.PROMPT_SPECS.items()
         }
         self._active_adapter = self._loaded.adapter_names[0] if self._loaded.adapter_names else None
+        self._fast = None
+        self._fast_failures = 0  # consecutive unexpected fast-path failures; at 3 the fast path is turned off
+        if cfg.fast_path:
+            from lrm_reward.core.fast_readout import FastLogitsReadout
+            from lrm_reward.core.prefix_cache import PrefixCache
+
+            cache = (
+                PrefixCache(cfg.prefix_cache_entries, cfg.prefix_cache_bytes) if cfg.prefix_cache else None
+            )
+            self._fast = FastLogitsReadout(
+                self._loaded.model, self._loaded.processor, self._loaded.device, cfg.max_task_chars, cache
+            )
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self._loaded.adapter_names) if self._loaded else []
+
+    @property
+    def prefix_cache(self):
+        """The PrefixCache of the fast path (None when off), for diagnostics and benchmarks."""
+        return self._fast.cache if self._fast is not None else None
 
     @property
     def model(self):
@@ -234,6 +277,9 @@ class LocalRewardEngine(RewardEngine):
         with self._lock:
             if self._loaded is None:
                 return
+            if self._fast is not None and self._fast.cache is not None:
+                self._fast.cache.clear()
+            self._fast = None
             self._loaded = None
             gc.collect()
             try:
@@ -325,7 +371,9 @@ class LocalRewardEngine(RewardEngine):
         from lrm_reward.core import readouts
 
         loaded = self._loaded
-        if route.adapter is not None and route.adapter != self._active_adapter:
+        # ask the model (engines may share one, e.g. in the benchmark); switching moves no weights
+        active = getattr(loaded.model, "active_adapter", self._active_adapter)
+        if route.adapter is not None and route.adapter != active:
             loaded.model.set_adapter(route.adapter)
             self._active_adapter = route.adapter
         if route.generate:
@@ -337,6 +385,10 @@ class LocalRewardEngine(RewardEngine):
                 prefill_answer_prefix=route.prefill,
                 max_task_chars=self.cfg.max_task_chars,
             )
+        if self._fast is not None:
+            fast = self._run_fast(route, queries)
+            if fast is not None:
+                return fast
         return readouts.score_answer_sets(
             loaded.model,
             loaded.processor,
@@ -345,6 +397,44 @@ class LocalRewardEngine(RewardEngine):
             loaded.device,
             self.cfg.max_task_chars,
         )
+
+    def _run_fast(self, route: _Route, queries: list[Query]) -> list[Answer] | None:
+        """The logits fast path; None when it could not answer (the caller uses the plain path)."""
+        import torch
+
+        from lrm_reward.core.fast_readout import FastPathUnavailable
+
+        fast = self._fast
+        cache = fast.cache
+        before = cache.stats() if cache is not None else None
+        try:
+            answers = fast.score(queries, self._tries[route.modality], route.adapter)
+        except torch.cuda.OutOfMemoryError:
+            if cache is not None:  # cached prefixes are the memory we can give back before halving
+                cache.clear()
+            raise
+        except FastPathUnavailable as exc:
+            self.stats.fast_path_fallbacks += 1
+            log.info("fast path not applicable (%s): plain readout", exc)
+            return None
+        except Exception as exc:
+            self.stats.fast_path_fallbacks += 1
+            self._fast_failures += 1
+            log.warning("fast path failed (%s: %s): plain readout for this batch", type(exc).__name__, exc)
+            if self._fast_failures >= 3:
+                log.error("fast path failed 3 times in a row: turned off for this engine")
+                if cache is not None:
+                    cache.clear()
+                self._fast = None
+            return None
+        finally:
+            if before is not None:
+                after = cache.stats()
+                self.stats.prefix_cache_hits += after.hits - before.hits
+                self.stats.prefix_cache_misses += after.misses - before.misses
+                self.stats.prefix_cache_evictions += after.evictions - before.evictions
+        self._fast_failures = 0
+        return answers
 
 
 def _error_answer(query: Query, error: str) -> Answer:

@@ -10,6 +10,10 @@ What this is for: one batch of same-adapter queries in, one Answer per query out
   candidates and all rows at once. Returns the expectation, per-answer probabilities and a confidence.
 - ``generate_answers`` (as the authors serve it): greedy decoding, then ``parsing.parse_answer``.
 
+``score_answer_sets`` is the plain reference path; the engine normally takes the fast path
+(``fast_readout.py``: per-episode prefix KV reuse, candidates scored inside the prompt's pass), which
+reads its answers through the same ``answers_from_logits``.
+
 What it is not: no adapter switching, no batching policy, no OOM handling (``engine.py`` does those).
 Inputs here are already validated queries.
 """
@@ -94,7 +98,14 @@ def prompt_text(processor, query: Query, max_task_chars: int) -> str:
 
 def encode_batch(processor, texts: list[str], queries: list[Query], device):
     """Left-padded model inputs for a batch of prompt texts and their images (in query order)."""
-    images = [image for query in queries for image in query.images]
+    return encode_images(processor, texts, [image for query in queries for image in query.images], device)
+
+
+def encode_images(processor, texts: list[str], images: list, device):
+    """Left-padded model inputs for prompt texts and a flat list of their images (in text order)."""
+    if not images:  # text-only prompts (e.g. a cached prompt prefix without images)
+        inputs = processor(text=texts, padding=True, padding_side="left", return_tensors="pt")
+        return inputs.to(device)
     # resizing/normalising on the model's device keeps the CPU out of the GPU's way
     inputs = processor(
         text=texts,
@@ -114,16 +125,30 @@ def score_answer_sets(
     import torch
 
     start = time.perf_counter()
-    modality = queries[0].modality
-    prefix = prompts.PROMPT_SPECS[modality].answer_prefix
+    prefix = prompts.PROMPT_SPECS[queries[0].modality].answer_prefix
     texts = [prompt_text(processor, q, max_task_chars) + prefix for q in queries]
     inputs = encode_batch(processor, texts, queries, device)
     with torch.inference_mode():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
-        sources = [first.unsqueeze(1)]
+        node_logits = None
         if trie.node_tokens:
             node_logits = _score_trie_nodes(model, inputs["attention_mask"], out, trie, device)
+        return answers_from_logits(out.logits[:, -1, :], node_logits, trie, queries, start)
+
+
+def answers_from_logits(first_logits, node_logits, trie: CandidateTrie, queries: list[Query], start: float):
+    """Answers from the logits after the answer prefix (B, V) and after each trie node (B, N, V) or None.
+
+    Shared by the plain readout and the fast path (``fast_readout.py``), so both read answers the same way.
+    start: perf_counter() when the batch began (for Answer.latency_s).
+    """
+    import torch
+
+    modality = queries[0].modality
+    prefix = prompts.PROMPT_SPECS[modality].answer_prefix
+    with torch.inference_mode():
+        sources = [torch.log_softmax(first_logits.float(), dim=-1).unsqueeze(1)]  # (B, 1, V)
+        if node_logits is not None:
             sources.append(torch.log_softmax(node_logits.float(), dim=-1))  # (B, N, V)
         logprobs = torch.cat(sources, dim=1)  # (B, 1 + N, V)
         source = torch.tensor(trie.source, device=logprobs.device)
@@ -179,7 +204,7 @@ def _score_trie_nodes(model, prefix_mask, prefix_out, trie: CandidateTrie, devic
     visible = torch.cat([visible_prefix, visible_nodes.expand(batch, 1, n_nodes, n_nodes)], dim=-1)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, blocked)
 
-    with _tree_mask_attention(model):
+    with tree_mask_attention(model):
         out = model(
             input_ids=node_tokens,
             attention_mask=mask,
@@ -190,7 +215,7 @@ def _score_trie_nodes(model, prefix_mask, prefix_out, trie: CandidateTrie, devic
     return out.logits  # (B, N, V)
 
 
-class _tree_mask_attention:
+class tree_mask_attention:
     """Run a block with an attention implementation that accepts custom 4D masks (eager or sdpa)."""
 
     def __init__(self, model):
