@@ -38,7 +38,8 @@ class CameraSpool:
         self._frames: list[np.ndarray] = []
         self._lock = threading.Lock()
         self._error: OSError | None = None
-        self._path = None if spool_dir is None else spool_dir / f"{_safe_file_name(name)}.raw"
+        self.file_name = f"{_safe_file_name(name)}.raw"  # inside the spool folder
+        self._path = None if spool_dir is None else spool_dir / self.file_name
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         if self._path is not None:

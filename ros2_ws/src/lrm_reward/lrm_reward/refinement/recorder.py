@@ -2,28 +2,32 @@
 
 What it is for: the refinement node's callbacks hand every message to an EpisodeRecorder, which only
 appends (images to a raw on-disk spool, vectors to lists). At stop() the episode is resampled to the
-dataset fps by stamp, written with lerobot (video encoding happens here, between episodes) and
-described in a sidecar JSON (recording/episode_XXXXXX.json: task, notes, policy version, start/end,
-operator outcome, partial flag, counters, recorder version).
+dataset fps by stamp (cheap) into a SaveJob; episode_saver.py writes it with lerobot (video encoding)
+and a sidecar JSON (recording/episode_XXXXXX.json: task, notes, policy version, start/end, operator
+outcome, partial flag, counters, recorder version). With `saver="inline"` (default) that happens in
+stop(); with `saver="process"` (the ROS node) a niced child process does it, so encoding takes neither
+the GIL nor the CPU from the callbacks, and stop(wait=False) returns once the episode is sealed on disk:
+the next episode may record while the previous one is saved.
 
 Data layout: one dataset per day (default name "rec_{date}") or per run (a fixed name) under
-`data_root`; features `observation.images.<camera>`, `observation.state`, `action`, `reward.progress`,
-`reward.completion`, `reward.fused` (NaN where the reward node sent none: the RewardSignal contract
-uses NaN for "not asked").
+`data_root`; features `observation.images.<camera>`, `observation.state`, `action`, optionally
+`observation.environment_state` (environment_state_names, e.g. object poses from a simulator),
+`reward.progress`, `reward.completion`, `reward.fused` (NaN where the reward node sent none: the
+RewardSignal contract uses NaN for "not asked").
 
 Resampling: frame k is at t0 + k/fps, where t0 is the first stamp at which every required stream
-(cameras, state, action) has data. Each stream contributes its latest sample at or before that time
-(what a policy would have seen). A required stream whose latest sample is older than `max_gap_s` is a
-dropout: with on_gap="truncate" (default) the episode ends before the first dropout, with "hold" the
-stale sample is repeated; either way the episode is marked partial in its sidecar.
+(cameras, state, action, environment state when configured) has data. Each stream contributes its latest
+sample at or before that time (what a policy would have seen). A required stream whose latest sample is
+older than `max_gap_s` is a dropout: with on_gap="truncate" (default) the episode ends before the first
+dropout, with "hold" the stale sample is repeated; either way the episode is marked partial.
 
-Bad input: non-finite joint states or actions are counted and dropped (the previous valid sample is
-held by the resampling, so a long NaN burst becomes a dropout); an action or state with the wrong
+Bad input: non-finite joint states, actions or environment states are counted and dropped (the previous
+valid sample is held by the resampling, so a long NaN burst becomes a dropout); a vector with the wrong
 number of values raises ValueError naming the expected layout; a frame of the wrong size or type raises
 ValueError; an episode with no complete frame saves nothing (SaveStatus.EMPTY). Disk full while
 spooling or saving stops the episode with SaveStatus.STORAGE_ERROR and rolls the dataset back
 (dataset_journal.py), so earlier episodes stay loadable; so does a kill -9 (recovered on the next
-start()).
+start(); an episode already sealed for the saver process is saved then, not lost).
 
 What it is not: no ROS (lrm_reward.ros.refinement_node wraps it), no judging.
 """
@@ -33,20 +37,27 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import enum
-import errno
-import json
 import logging
 import re
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lrm_reward.durable_files import try_exclusive_lock, write_json_atomic
+from lrm_reward.durable_files import try_exclusive_lock
 from lrm_reward.refinement.dataset_journal import DatasetJournal
+from lrm_reward.refinement.episode_saver import (
+    SaveJob,
+    SaverProcess,
+    _total_episodes,
+    save_job,
+    sealed_spools,
+    try_recover,
+)
 from lrm_reward.refinement.episode_spool import CameraSpool, SpoolStorageError, VectorLog
 
 log = logging.getLogger(__name__)
@@ -56,10 +67,10 @@ SIDECAR_SCHEMA = "lrm.episode/1"
 SIDECAR_DIR = "recording"
 REPO_PREFIX = "lrm"  # local repo_id = "lrm/<dataset name>"; never pushed anywhere
 STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"
 ACTION_KEY = "action"
 IMAGE_KEY_PREFIX = "observation.images."
 REWARD_KEYS = ("reward.progress", "reward.completion", "reward.fused")
-_LOW_DISK_BYTES = 16 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -79,6 +90,7 @@ class SaveStatus(enum.StrEnum):
     STORAGE_ERROR = "storage_error"  # disk full or not writable: nothing of this episode kept
     FAILED = "failed"  # anything else that prevented saving (e.g. the dataset has other features)
     NOT_RECORDING = "not_recording"
+    SAVING = "saving"  # stop(wait=False): sealed on disk, the saver process writes it into the dataset
 
 
 class RecorderBusyError(RuntimeError):
@@ -103,6 +115,15 @@ class RecorderConfig:
     video_codec: str = "libsvtav1"  # lerobot's default (AV1); or h264, hevc, *_nvenc, ... (lerobot list)
     video_crf: int | None = None  # None: lerobot's default quality for the codec
     video_preset: str | None = None  # None: lerobot's default for the codec
+    # Names of the values of observation.environment_state (e.g. object poses); () = no such feature,
+    # None = the feature is on and the names come from the first sample (like state_names). When on, it
+    # is a required stream like the joint state (every frame needs a sample).
+    environment_state_names: tuple[str, ...] | None = ()
+    # "inline": stop() encodes and writes in the calling process; "process": a niced child process does
+    # (a recorder inside a ROS node: encoding must not take the GIL or the CPU from its callbacks)
+    saver: str = "inline"
+    saver_nice: int = 5  # niceness of the saver process (10+ starves it on a busy machine)
+    streaming_encoding: bool = True  # encode video while adding frames (no PNG round trip, faster)
 
     def __post_init__(self) -> None:
         self.data_root = Path(self.data_root)
@@ -129,8 +150,24 @@ class RecorderConfig:
                 if not names or len(set(names)) != len(names):
                     raise ValueError(f"RecorderConfig.{label} must be non-empty and unique")
                 setattr(self, label, names)
+        if self.environment_state_names is not None:
+            self.environment_state_names = tuple(str(n) for n in self.environment_state_names)
+            if len(set(self.environment_state_names)) != len(self.environment_state_names):
+                raise ValueError(
+                    f"RecorderConfig.environment_state_names has duplicates: {self.environment_state_names}"
+                )
+
+        if self.saver not in ("inline", "process"):
+            raise ValueError(f"RecorderConfig.saver must be 'inline' or 'process', got {self.saver!r}")
+        if self.saver == "process" and not self.spool_to_disk:
+            raise ValueError("RecorderConfig.saver='process' needs spool_to_disk=True (frames on disk)")
         if self.image_writer_threads < 0:
             raise ValueError("RecorderConfig.image_writer_threads must be >= 0")
+
+    @property
+    def environment_state(self) -> bool:
+        """Whether the dataset has observation.environment_state."""
+        return self.environment_state_names is None or len(self.environment_state_names) > 0
 
     def dataset_name_for(self, when: _dt.datetime) -> str:
         return self.dataset_name.replace("{date}", when.strftime("%Y-%m-%d"))
@@ -223,6 +260,7 @@ class _Episode:
     state: VectorLog
     action: VectorLog
     reward: VectorLog
+    environment_state: VectorLog
     counters: dict[str, int]
     storage_error: str | None = None
 
@@ -234,12 +272,29 @@ class EpisodeRecorder:
         self.cfg = cfg
         self.state_names: tuple[str, ...] | None = cfg.state_names
         self.action_names: tuple[str, ...] | None = cfg.action_names
+        self.environment_state_names: tuple[str, ...] | None = cfg.environment_state_names
         self._episode: _Episode | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a save may finish (callback) inside stop()/start()
         self._saving = False
         self._lock_files: dict[str, object] = {}
         self._name_maps: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
-        self.totals: dict[str, int] = {"episodes_saved": 0, "episodes_empty": 0, "storage_errors": 0}
+        self.totals: dict[str, int] = {
+            "episodes_saved": 0,
+            "episodes_empty": 0,
+            "storage_errors": 0,
+            "save_failures": 0,
+        }
+        self.last_save: StopResult | None = None  # the latest finished save (for a node's diagnostics)
+        self.on_saved = None  # optional callable(StopResult), called when a background save finishes
+        self._pending: dict[str, list[Future]] = {}  # dataset name -> saves in flight
+        self._submitted: set[str] = set()  # spool folders handed to the saver process
+        self._next_index: dict[str, int] = {}
+        self._saver = SaverProcess(cfg.saver_nice) if cfg.saver == "process" else None
+
+    @property
+    def saves_pending(self) -> int:
+        with self._lock:
+            return sum(1 for futures in self._pending.values() for f in futures if not f.done())
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -261,14 +316,21 @@ class EpisodeRecorder:
             root = self.cfg.data_root / name
             self.cfg.data_root.mkdir(parents=True, exist_ok=True)
             self._hold_dataset_lock(name)
-            recovered = DatasetJournal(root).recover()
+            spool_base = self.cfg.data_root / ".spool" / name
+            busy = any(not f.done() for f in self._pending.get(name, []))
+            if self._saver is None:
+                recovered = DatasetJournal(root).recover()
+                shutil.rmtree(spool_base, ignore_errors=True)  # raw frames of an episode never finished
+            else:
+                recovered = None if busy else try_recover(root)
+                recovered = self._resume_sealed(name, spool_base, recovered)
+                busy = any(not f.done() for f in self._pending.get(name, []))
             if recovered:
                 log.warning(recovered)
-            spool_base = self.cfg.data_root / ".spool" / name
-            shutil.rmtree(spool_base, ignore_errors=True)  # raw frames of an episode that never finished
             spool_dir = spool_base / f"ep_{time.time_ns()}"
             spool_dir.mkdir(parents=True)
-            episode_index = _total_episodes(root)
+            # with saves in flight, info.json does not count them yet
+            episode_index = self._next_index[name] if busy else _total_episodes(root)
             spool = spool_dir if self.cfg.spool_to_disk else None
             self._episode = _Episode(
                 task=task,
@@ -283,16 +345,62 @@ class EpisodeRecorder:
                 state=VectorLog("state"),
                 action=VectorLog("action"),
                 reward=VectorLog("reward"),
+                environment_state=VectorLog("environment_state"),
                 counters={
                     "nan_states": 0,
                     "nan_actions": 0,
+                    "nan_environment_states": 0,
                     "bad_states": 0,
                     "bad_actions": 0,
+                    "bad_environment_states": 0,
                     "bad_images": 0,
                     "unknown_camera": 0,
                 },
             )
             return StartResult(episode_index=episode_index, dataset=root, recovered=recovered)
+
+    def _resume_sealed(self, name: str, spool_base: Path, recovered: str | None) -> str | None:
+        """Process saver: queue episodes sealed by an earlier (killed) recorder, drop unsealed spools."""
+        notes = [recovered] if recovered else []
+        if spool_base.exists():
+            for folder in spool_base.iterdir():
+                sealed = (folder / "job.json").exists()
+                if not sealed and str(folder) not in self._submitted:
+                    shutil.rmtree(folder, ignore_errors=True)  # an episode that was never stopped
+        for folder in sealed_spools(spool_base):
+            if str(folder) in self._submitted:
+                continue
+            try:
+                job = SaveJob.read(folder)
+            except (OSError, ValueError, KeyError, TypeError):
+                shutil.rmtree(folder, ignore_errors=True)
+                notes.append(f"removed an unreadable sealed episode spool {folder.name}")
+                continue
+            index = self._next_index.get(name, _total_episodes(job.dataset_root))
+            self._submit(name, folder, next_index=index + 1)
+            notes.append(f"saving episode sealed before a restart ({job.num_frames} frames)")
+        return "; ".join(notes) or None
+
+    def _submit(self, name: str, spool_dir: Path, next_index: int) -> Future:
+        """Hand a sealed spool to the saver process; `next_index`: what the next episode will be."""
+        assert self._saver is not None
+        self._submitted.add(str(spool_dir))
+        future = self._saver.submit(spool_dir)
+        self._pending.setdefault(name, []).append(future)
+        self._next_index[name] = next_index
+        future.add_done_callback(lambda f: self._save_done(name, spool_dir, f))
+        return future
+
+    def _save_done(self, name: str, spool_dir: Path, future: Future) -> None:
+        result = self._stop_result(future.result(), self.cfg.data_root / name)
+        with self._lock:
+            self._pending[name] = [f for f in self._pending.get(name, []) if not f.done()]
+            # saved or failed for good: the spool is gone; the saver died: the next start() retries it
+            self._submitted.discard(str(spool_dir))
+            self._count(result)
+            self.last_save = result
+        if self.on_saved is not None:
+            self.on_saved(result)
 
     # ----------------------------------------------------------------- callbacks (cheap appends)
     def add_image(self, camera: str, stamp_s: float, rgb: np.ndarray) -> bool:
@@ -323,6 +431,18 @@ class EpisodeRecorder:
         """Append a commanded action. Non-finite -> counted and dropped (returns False)."""
         return self._add_vector("action", stamp_s, values, names)
 
+    def add_environment_state(
+        self, stamp_s: float, values, names: list[str] | tuple[str, ...] | None = None
+    ) -> bool:
+        """Append an environment state (observation.environment_state, e.g. object poses); like add_state.
+
+        False when the recorder has no environment_state_names configured (the feature is off), when not
+        recording, or for non-finite values (counted); ValueError for a wrong size or unknown names.
+        """
+        if not self.cfg.environment_state:
+            return False
+        return self._add_vector("environment_state", stamp_s, values, names)
+
     def add_reward(self, stamp_s: float, progress: float, completion: float, fused: float) -> bool:
         ep = self._episode
         if ep is None or not self.cfg.rewards:
@@ -335,7 +455,7 @@ class EpisodeRecorder:
         if ep is None:
             return False
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
-        expected = self.state_names if kind == "state" else self.action_names
+        expected = self._expected_names(kind)
         if names is not None and len(names) and expected is not None and tuple(names) != expected:
             arr = self._reorder(kind, arr, tuple(names), expected)  # picks the recorded joints by name
         if expected is not None and arr.size != len(expected):
@@ -349,15 +469,19 @@ class EpisodeRecorder:
                 fixed = tuple(str(n) for n in names)
             else:
                 fixed = tuple(f"{kind}_{i}" for i in range(arr.size))
-            if kind == "state":
-                self.state_names = fixed
-            else:
-                self.action_names = fixed
+            setattr(self, f"{kind}_names", fixed)
         if not np.all(np.isfinite(arr)):
             ep.counters[f"nan_{kind}s"] += 1
             return False
-        (ep.state if kind == "state" else ep.action).append(stamp_s, arr.astype(np.float32))
+        getattr(ep, kind).append(stamp_s, arr.astype(np.float32))
         return True
+
+    def _expected_names(self, kind: str) -> tuple[str, ...] | None:
+        if kind == "state":
+            return self.state_names
+        if kind == "action":
+            return self.action_names
+        return self.environment_state_names
 
     def _reorder(self, kind: str, arr: np.ndarray, names: tuple[str, ...], expected: tuple[str, ...]):
         ep = self._episode
@@ -378,8 +502,14 @@ class EpisodeRecorder:
         return arr[index]
 
     # ----------------------------------------------------------------- end of episode
-    def stop(self, outcome: EpisodeOutcome | str = EpisodeOutcome.UNKNOWN, notes: str = "") -> StopResult:
-        """End the episode: resample, encode and save it (slow: seconds), or discard it."""
+    def stop(
+        self, outcome: EpisodeOutcome | str = EpisodeOutcome.UNKNOWN, notes: str = "", wait: bool = True
+    ) -> StopResult:
+        """End the episode: resample it and save it (encoding: seconds), or discard it.
+
+        With the process saver and wait=False, returns as soon as the episode is sealed on disk
+        (SaveStatus.SAVING, num_frames final); the save's result arrives in `last_save` / `on_saved`.
+        """
         outcome = EpisodeOutcome(outcome)
         with self._lock:
             ep = self._episode
@@ -387,52 +517,115 @@ class EpisodeRecorder:
                 return StopResult(SaveStatus.NOT_RECORDING, "no episode is being recorded")
             self._episode = None
             self._saving = True
+        handed_over = False
         try:
-            return self._finish(ep, outcome, notes)
+            job_or_result = self._seal(ep, outcome, notes)
+            if isinstance(job_or_result, StopResult):
+                self._count(job_or_result)
+                return job_or_result
+            job = job_or_result
+            root = job.dataset_root
+            if self._saver is None:
+                result = self._stop_result(save_job(job), root)
+                self._count(result)
+                self.last_save = result
+                return result
+            try:
+                job.write()
+            except OSError as exc:
+                result = StopResult(
+                    SaveStatus.STORAGE_ERROR,
+                    f"sealing episode {ep.episode_index} failed ({exc.strerror}); episode not saved",
+                    episode_index=ep.episode_index,
+                    dataset=root,
+                )
+                self._count(result)
+                return result
+            with self._lock:
+                future = self._submit(ep.dataset_name, ep.spool_dir, next_index=ep.episode_index + 1)
+            handed_over = True
+            if wait:
+                return self._stop_result(future.result(), root)
+            return StopResult(
+                SaveStatus.SAVING,
+                f"episode {ep.episode_index} ({job.num_frames} frames) sealed; saving in the background",
+                episode_index=ep.episode_index,
+                num_frames=job.num_frames,
+                dataset=root,
+                partial=bool(job.sidecar["partial"]),
+            )
         finally:
             for spool in ep.cameras.values():
                 spool.abandon()
-            shutil.rmtree(ep.spool_dir, ignore_errors=True)
+            if not handed_over:
+                shutil.rmtree(ep.spool_dir, ignore_errors=True)
             self._saving = False
 
     def abort(self) -> StopResult:
         """Drop the current episode without saving (shutdown)."""
         return self.stop(EpisodeOutcome.DISCARD, "aborted")
 
-    def close(self) -> None:
+    def close(self, save_timeout_s: float | None = None) -> None:
+        """Abort a recording episode, let queued saves finish (up to save_timeout_s), release locks."""
         if self.recording:
             self.abort()
+        if self._saver is not None:
+            self._saver.close(save_timeout_s)
         for handle in self._lock_files.values():
             with contextlib.suppress(OSError):
                 handle.close()  # type: ignore[attr-defined]
         self._lock_files.clear()
 
-    def _finish(self, ep: _Episode, outcome: EpisodeOutcome, notes: str) -> StopResult:
+    def _count(self, result: StopResult) -> None:
+        key = {
+            SaveStatus.SAVED: "episodes_saved",
+            SaveStatus.EMPTY: "episodes_empty",
+            SaveStatus.STORAGE_ERROR: "storage_errors",
+            SaveStatus.FAILED: "save_failures",
+        }.get(result.status)
+        if key:
+            self.totals[key] += 1
+
+    @staticmethod
+    def _stop_result(result: dict, root: Path) -> StopResult:
+        return StopResult(
+            SaveStatus(result["status"]),
+            result["message"],
+            episode_index=int(result["episode_index"]),
+            num_frames=int(result["num_frames"]),
+            dataset=root,
+            partial=bool(result["partial"]),
+            sidecar=Path(result["sidecar"]) if result.get("sidecar") else None,
+        )
+
+    def _seal(self, ep: _Episode, outcome: EpisodeOutcome, notes: str) -> SaveJob | StopResult:
+        """Resample the episode into a SaveJob, or say why there is nothing to save."""
         root = self.cfg.data_root / ep.dataset_name
         base = {"episode_index": ep.episode_index, "dataset": root}
         if outcome is EpisodeOutcome.DISCARD:
             return StopResult(SaveStatus.DISCARDED, "episode discarded, nothing saved", **base)
         if ep.storage_error:
-            self.totals["storage_errors"] += 1
             return StopResult(SaveStatus.STORAGE_ERROR, f"{ep.storage_error}; episode not saved", **base)
         try:
             images = {cam: spool.finish() for cam, spool in ep.cameras.items()}
         except SpoolStorageError as exc:
-            self.totals["storage_errors"] += 1
             return StopResult(SaveStatus.STORAGE_ERROR, f"{exc.strerror}; episode not saved", **base)
 
         cam_stamps = {cam: _sorted_stamps(ep.cameras[cam].stamps) for cam in ep.cameras}
-        state_stamps, state_values = ep.state.arrays(len(self.state_names or ()))
-        action_stamps, action_values = ep.action.arrays(len(self.action_names or ()))
-        reward_stamps, reward_values = ep.reward.arrays(3)
+        vectors = {
+            STATE_KEY: ep.state.arrays(len(self.state_names or ())),
+            ACTION_KEY: ep.action.arrays(len(self.action_names or ())),
+        }
+        if self.cfg.environment_state:
+            vectors[ENV_STATE_KEY] = ep.environment_state.arrays(len(self.environment_state_names or ()))
+        stream_names = {STATE_KEY: "state", ACTION_KEY: "action", ENV_STATE_KEY: "environment_state"}
         required = {f"camera:{c}": s for c, (_, s) in cam_stamps.items()}
-        required["state"] = state_stamps
-        required["action"] = action_stamps
+        required.update({stream_names[key]: stamps for key, (stamps, _) in vectors.items()})
+        reward_stamps, reward_values = ep.reward.arrays(3)
         plan = plan_resampling(
             required, {"reward": reward_stamps}, self.cfg.fps, self.cfg.max_gap_s, self.cfg.on_gap
         )
         if plan.num_frames == 0:
-            self.totals["episodes_empty"] += 1
             why = (
                 f"no data from {', '.join(plan.missing)}"
                 if plan.missing
@@ -440,42 +633,39 @@ class EpisodeRecorder:
             )
             return StopResult(SaveStatus.EMPTY, f"no complete frame recorded ({why}); nothing saved", **base)
 
-        features = self._features({cam: images[cam].shape[1:] for cam in images})
-        frames = _FrameSource(
-            plan,
-            images,
-            cam_stamps,
-            state_values,
-            action_values,
-            reward_values if self.cfg.rewards else None,
-            ep.task,
-        )
-        sidecar = self._sidecar(ep, outcome, notes, plan, required)
-        try:
-            self._append(root, features, frames, sidecar)
-        except OSError as exc:
-            self.totals["storage_errors"] += 1
-            reason = _storage_reason(exc, self.cfg.data_root)
-            return StopResult(
-                SaveStatus.STORAGE_ERROR,
-                f"saving episode {ep.episode_index} failed ({reason}); it was rolled back, "
-                "earlier episodes are intact",
-                **base,
-            )
-        except Exception as exc:  # report any failure to the caller instead of crashing the node
-            return StopResult(SaveStatus.FAILED, f"saving episode {ep.episode_index} failed: {exc}", **base)
-        self.totals["episodes_saved"] += 1
-        partial = bool(plan.gaps)
-        msg = f"saved episode {ep.episode_index} ({plan.num_frames} frames) to {root.name}"
-        if partial:
-            msg += f"; PARTIAL: {', '.join(g['stream'] for g in plan.gaps)} dropped out"
-        return StopResult(
-            SaveStatus.SAVED,
-            msg,
-            num_frames=plan.num_frames,
-            partial=partial,
-            sidecar=root / SIDECAR_DIR / f"episode_{ep.episode_index:06d}.json",
-            **base,
+        arrays: dict[str, np.ndarray] = {}
+        for cam, (order, _) in cam_stamps.items():
+            arrays[f"image:{cam}"] = order[plan.indices[f"camera:{cam}"]]
+        for key, (_, values) in vectors.items():
+            arrays[f"vector:{key}"] = values[plan.indices[stream_names[key]]]
+        if self.cfg.rewards:
+            r = plan.indices["reward"]
+            picked = np.full((plan.num_frames, 3), np.nan, np.float32)
+            picked[r >= 0] = reward_values[r[r >= 0]]
+            for j, key in enumerate(REWARD_KEYS):
+                arrays[f"vector:{key}"] = picked[:, j : j + 1]
+        spooled = self.cfg.spool_to_disk
+        return SaveJob(
+            spool_dir=ep.spool_dir,
+            dataset_root=root,
+            fps=self.cfg.fps,
+            features=self._features({cam: images[cam].shape[1:] for cam in images}),
+            sidecar=self._sidecar(ep, outcome, notes, plan, required),
+            task=ep.task,
+            cameras={cam: [int(v) for v in images[cam].shape[1:]] for cam in images},
+            camera_files={cam: ep.cameras[cam].file_name for cam in images},
+            camera_counts={cam: int(images[cam].shape[0]) for cam in images},
+            robot_type=self.cfg.robot_type,
+            use_videos=self.cfg.use_videos,
+            image_writer_threads=self.cfg.image_writer_threads,
+            video={
+                "vcodec": self.cfg.video_codec,
+                "crf": self.cfg.video_crf,
+                "preset": self.cfg.video_preset,
+            },
+            streaming_encoding=self.cfg.streaming_encoding,
+            arrays=arrays,
+            images=None if spooled and self._saver is not None else images,
         )
 
     def _features(self, cam_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
@@ -497,68 +687,16 @@ class EpisodeRecorder:
             "shape": (len(self.action_names),),
             "names": list(self.action_names),
         }
+        if self.cfg.environment_state:
+            features[ENV_STATE_KEY] = {
+                "dtype": "float32",
+                "shape": (len(self.environment_state_names),),
+                "names": list(self.environment_state_names),
+            }
         if self.cfg.rewards:
             for key in REWARD_KEYS:
                 features[key] = {"dtype": "float32", "shape": (1,), "names": None}
         return features
-
-    def _append(self, root: Path, features: dict, frames: _FrameSource, sidecar: dict) -> None:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-        repo_id = f"{REPO_PREFIX}/{root.name}"
-        encoder = self._video_encoder()
-        journal = DatasetJournal(root)
-        journal.begin(note=f"episode {sidecar['episode_index']}")
-        ds = None
-        try:
-            if (root / "meta" / "info.json").exists():
-                ds = LeRobotDataset.resume(
-                    repo_id,
-                    root=root,
-                    video_backend="pyav",
-                    image_writer_threads=self.cfg.image_writer_threads,
-                    rgb_encoder=encoder,
-                )
-                _check_features(root, ds.meta.features, features)
-            else:
-                ds = LeRobotDataset.create(
-                    repo_id,
-                    fps=self.cfg.fps,
-                    features=features,
-                    root=root,
-                    robot_type=self.cfg.robot_type,
-                    use_videos=self.cfg.use_videos,
-                    video_backend="pyav",
-                    image_writer_threads=self.cfg.image_writer_threads,
-                    rgb_encoder=encoder,
-                )
-            if ds.meta.total_episodes != sidecar["episode_index"]:
-                raise RuntimeError(
-                    f"dataset {root.name} has {ds.meta.total_episodes} episodes, expected "
-                    f"{sidecar['episode_index']} (written by another process?)"
-                )
-            for frame in frames:
-                ds.add_frame(frame)
-            ds.save_episode(parallel_encoding=False)
-            ds.finalize()
-            write_json_atomic(root / SIDECAR_DIR / f"episode_{sidecar['episode_index']:06d}.json", sidecar)
-        except BaseException:
-            _neutralize(ds)
-            journal.recover()
-            raise
-        journal.commit()
-
-    def _video_encoder(self):
-        if not self.cfg.use_videos:
-            return None
-        from lerobot.configs.video import RGBEncoderConfig
-
-        kwargs: dict = {"vcodec": self.cfg.video_codec}
-        if self.cfg.video_crf is not None:
-            kwargs["crf"] = self.cfg.video_crf
-        if self.cfg.video_preset is not None:
-            kwargs["preset"] = self.cfg.video_preset
-        return RGBEncoderConfig(**kwargs)
 
     def _sidecar(
         self, ep: _Episode, outcome: EpisodeOutcome, notes: str, plan: ResamplePlan, required
@@ -591,10 +729,12 @@ class EpisodeRecorder:
                 "state": len(ep.state),
                 "action": len(ep.action),
                 "reward": len(ep.reward),
+                **({"environment_state": len(ep.environment_state)} if self.cfg.environment_state else {}),
             },
             "dropped": dict(ep.counters),
             "nan_policy": "non-finite joint states/actions are dropped; the previous valid sample is held",
             "recorder_version": RECORDER_VERSION,
+            "spool_id": ep.spool_dir.name,
         }
 
     def _hold_dataset_lock(self, name: str) -> None:
@@ -608,102 +748,11 @@ class EpisodeRecorder:
         self._lock_files[name] = handle
 
 
-class _FrameSource:
-    """Yields lerobot frames lazily from the plan (images read from the memmap one at a time)."""
-
-    def __init__(self, plan, images, cam_stamps, state_values, action_values, reward_values, task):
-        self.plan = plan
-        self.images = images
-        self.cam_order = {cam: order for cam, (order, _) in cam_stamps.items()}
-        self.state = state_values
-        self.action = action_values
-        self.reward = reward_values
-        self.task = task
-
-    def __iter__(self):
-        idx = self.plan.indices
-        nan3 = np.full(3, np.nan, np.float32)
-        for k in range(self.plan.num_frames):
-            frame: dict = {"task": self.task}
-            for cam, arr in self.images.items():
-                sample = self.cam_order[cam][idx[f"camera:{cam}"][k]]
-                frame[IMAGE_KEY_PREFIX + cam] = np.asarray(arr[sample])
-            frame[STATE_KEY] = self.state[idx["state"][k]]
-            frame[ACTION_KEY] = self.action[idx["action"][k]]
-            if self.reward is not None:  # None: the dataset has no reward.* features
-                r = idx["reward"][k]
-                values = self.reward[r] if r >= 0 else nan3
-                for j, key in enumerate(REWARD_KEYS):
-                    frame[key] = values[j : j + 1].astype(np.float32)
-            yield frame
-
-
 def _sorted_stamps(stamps: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """(arrival index in stamp order, sorted stamps): frames stay in the spool in arrival order."""
     arr = np.asarray(stamps, dtype=np.float64)
     order = np.argsort(arr, kind="stable")
     return order, arr[order]
-
-
-def _check_features(root: Path, existing: dict, wanted: dict) -> None:
-    for key, ft in wanted.items():
-        have = existing.get(key)
-        same = (
-            have is not None
-            and have["dtype"] == ft["dtype"]
-            and tuple(have["shape"]) == tuple(ft["shape"])
-            and (have.get("names") or None) == (ft.get("names") or None)
-        )
-        if not same:
-            stored = have and {k: have[k] for k in ("dtype", "shape", "names")}
-            raise ValueError(
-                f"dataset {root.name} stores {key} as {stored}"
-                f" but this recording has {ft}: record into a new dataset (another dataset_name)"
-            )
-
-
-def _neutralize(ds) -> None:
-    """After a failed save, make sure the half-open lerobot writer cannot write again (its __del__
-    finalizes), so nothing lands on disk after the rollback."""
-    if ds is None:
-        return
-    with contextlib.suppress(Exception):
-        ds.writer.close_writer()
-    meta = getattr(ds, "meta", None)
-    if meta is not None and getattr(meta, "_pq_writer", None) is not None:
-        with contextlib.suppress(Exception):
-            meta._pq_writer.close()  # its file is about to be deleted by the rollback
-        meta._pq_writer = None
-    if meta is not None:
-        meta._metadata_buffer = []
-    writer = getattr(ds, "writer", None)
-    if writer is not None and getattr(writer, "image_writer", None) is not None:
-        with contextlib.suppress(Exception):
-            writer.image_writer.stop()
-        writer.image_writer = None
-    for obj in (ds, getattr(ds, "writer", None), getattr(ds, "meta", None)):
-        if obj is not None:
-            obj._is_finalized = True
-            obj._finalized = True
-
-
-def _storage_reason(exc: OSError, where: Path) -> str:
-    """lerobot's image writer swallows ENOSPC and fails later on a truncated PNG: look at the free space
-    too, so the operator reads "disk full" and not a PIL error."""
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        free = -1
-    if exc.errno == errno.ENOSPC or 0 <= free < _LOW_DISK_BYTES:
-        return f"disk full: {max(free, 0)} bytes free on {where}; {exc}"
-    return exc.strerror or str(exc)
-
-
-def _total_episodes(root: Path) -> int:
-    info = root / "meta" / "info.json"
-    if not info.exists():
-        return 0
-    return int(json.loads(info.read_text())["total_episodes"])
 
 
 def _now_iso() -> str:

@@ -1,24 +1,34 @@
-"""refinement_node: records robot episodes into LeRobotDatasets and judges them on request.
+"""refinement_node: records robot episodes into LeRobotDatasets, judges them, starts the nightly loop.
 
 A thin shell around lrm_reward.refinement: subscription callbacks convert messages and append them to
 the EpisodeRecorder (no encoding, no disk writes beyond the raw spool); services start and stop episodes
-(stop resamples, encodes and saves: seconds, between episodes) and judge recorded episodes with the
-reward model (loaded on first use). Optional auto-stop: when the reward topic's `completed` flag holds
-for `auto_stop.completed_frames` messages, or after `auto_stop.timeout_s`.
+and judge recorded episodes with the reward model (loaded on first use); `~/run_nightly` starts judge +
+refine as child processes. Optional auto-stop: when the reward topic's `completed` flag holds for
+`auto_stop.completed_frames` messages, or after `auto_stop.timeout_s`.
+
+Saving (resample at stop, then encode and write) runs in a niced saver process (`saver: process`), so it
+never holds this process's GIL. `~/stop_episode` first lets the callbacks take what is still queued
+(a loaded machine lags behind; stop_drain_timeout_s), seals the episode on disk, and answers when it is
+saved (`stop_waits_for_save: true`, the StopEpisode contract) or at once with "saving in the background".
 
 Topics (generic names, remapped in launch): `image` (or the names in `image_topics`, one per entry of
 `cameras`; sensor_msgs/Image or CompressedImage with `compressed: true`), `joint_states`
 (sensor_msgs/JointState), `action` (JointState or std_msgs/Float64MultiArray, `action_type`), `reward`
-(lrm_interfaces/RewardSignal). Services: `~/start_episode`, `~/stop_episode`, `~/judge_episode`.
-/diagnostics at 1 Hz: recorder state and per-kind counters of rejected input.
+(lrm_interfaces/RewardSignal), optionally `environment_state_topic` (Float64MultiArray or JointState).
+Services: `~/start_episode`, `~/stop_episode`, `~/judge_episode`, `~/run_nightly` (std_srvs/Trigger).
+/diagnostics at 1 Hz: recorder state, saves in progress, messages received per stream (episode and
+total), per-kind counters of rejected input, nightly run status and last exit code.
 
-Callbacks run in a reentrant group on a MultiThreadedExecutor, so saving (in a service) or judging never
-stops the recording callbacks; start/stop/auto-stop are serialised by one lock.
+Executor: three threads; the sensor callbacks share one mutually exclusive group (one at a time, in
+order), so a stop waiting for the saver or a judge run never stops the recording callbacks;
+start/stop/auto-stop are serialised by one lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import sys
 import threading
 import time
@@ -28,16 +38,18 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
 
 from lrm_interfaces.msg import EpisodeJudgment, RewardSignal
 from lrm_interfaces.srv import JudgeEpisode, StartEpisode, StopEpisode
-from lrm_reward.refinement.data_root import OutsideDataRootError
+from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
+from lrm_reward.refinement.nightly import NightlyConfig, NightlyRunner
 from lrm_reward.refinement.recorder import (
     EpisodeOutcome,
     EpisodeRecorder,
@@ -61,7 +73,41 @@ STOP_RESULTS = {
     SaveStatus.STORAGE_ERROR: StopEpisode.Response.RESULT_STORAGE_ERROR,
     SaveStatus.FAILED: StopEpisode.Response.RESULT_STORAGE_ERROR,
     SaveStatus.NOT_RECORDING: StopEpisode.Response.RESULT_NOT_RECORDING,
+    SaveStatus.SAVING: StopEpisode.Response.RESULT_OK,  # stop_waits_for_save false: sealed, saving now
 }
+DRAIN_QUIET_S = 0.1  # a stream with no message for this long has nothing queued
+DRAIN_FRESH_S = 0.05  # a message this close to the stream's best transit time is not from a backlog
+
+
+class _StreamStats:
+    """Messages of one stream (callbacks only), to see loss and to drain the queue at stop."""
+
+    def __init__(self) -> None:
+        self.total = 0  # while recording, since the node started
+        self.episode = 0
+        self.last = 0.0  # monotonic time of the last message
+        self.best_delay = math.inf  # smallest receive - stamp this episode (transit time + clock offset)
+        self.delay = math.inf  # receive - stamp of the last message
+
+    def new_episode(self) -> None:
+        self.episode = 0
+        self.best_delay = math.inf
+        self.delay = math.inf
+
+    def received(self, header) -> None:
+        self.total += 1
+        self.episode += 1
+        self.last = time.monotonic()
+        if header is not None and (header.stamp.sec or header.stamp.nanosec):
+            self.delay = time.time() - (header.stamp.sec + header.stamp.nanosec * 1e-9)
+            self.best_delay = min(self.best_delay, self.delay)
+
+    def drained(self, since: float) -> bool:
+        """Nothing queued: quiet for a while, or a message after `since` that came straight through."""
+        now = time.monotonic()
+        if now - self.last >= DRAIN_QUIET_S:
+            return True
+        return self.last > since and self.delay - self.best_delay <= DRAIN_FRESH_S
 
 
 class RefinementNode(Node):
@@ -77,6 +123,13 @@ class RefinementNode(Node):
         self.state_field = p("state_field", "position", "JointState field recorded as observation.state")
         self.action_type = p("action_type", "joint_state", "joint_state | float64_multi_array")
         self.action_field = p("action_field", "position", "JointState field of the action topic")
+        env_topic = p("environment_state_topic", "", "observation.environment_state topic; '' = off")
+        self.env_type = p(
+            "environment_state_type", "float64_multi_array", "float64_multi_array | joint_state"
+        )
+        env_names = [
+            n for n in p("environment_state_names", [""], "names of its values (float64_multi_array)") if n
+        ]
         self.auto_stop_frames = p(
             "auto_stop.completed_frames", 0, "stop when `completed` holds N msgs; 0 off"
         )
@@ -91,6 +144,18 @@ class RefinementNode(Node):
             "success_threshold": p("judge.success_threshold", 0.5, "mean completion prob for success"),
             "progress_threshold": p("judge.progress_threshold", -1.0, "final progress needed; < 0 = off"),
         }
+        self.nightly_params = {
+            "datasets": p("nightly.datasets", ["{today}"], "datasets (inside data_root); {today} = today's"),
+            "store": p("nightly.store", "", "policy store root for lrm-refine; '' = ~/run_nightly refuses"),
+            "policy": p("nightly.policy", "", "policy name inside the store"),
+            "demos": p("nightly.demos", [""], "demonstration datasets added to every refinement"),
+            "steps": p("nightly.steps", 2000, "training steps of lrm-refine"),
+            "batch_size": p("nightly.batch_size", 8, "batch size of lrm-refine"),
+            "device": p("nightly.device", "cpu", "training device of lrm-refine"),
+            "judge": p("nightly.judge", True, "judge the datasets first (judge.* parameters)"),
+            "judge_args": p("nightly.judge_args", [""], "extra lrm-judge arguments"),
+            "refine_args": p("nightly.refine_args", [""], "extra lrm-refine arguments"),
+        }
         cfg = RecorderConfig(
             data_root=Path(data_root).expanduser(),
             cameras=tuple(cameras),
@@ -104,17 +169,44 @@ class RefinementNode(Node):
             max_gap_s=p("max_gap_s", 0.5, "[s] a stream silent longer than this is a dropout (partial)"),
             on_gap=p("on_gap", "truncate", "truncate | hold: what a dropout does to the episode"),
             spool_to_disk=p("spool_to_disk", True, "spool raw frames to disk while recording"),
-            image_writer_threads=p("image_writer_threads", 2, "PNG writer threads while saving"),
+            image_writer_threads=p("image_writer_threads", 2, "PNG writer threads (streaming_encoding off)"),
+            saver=p("saver", "process", "process: a niced child process encodes and saves | inline"),
+            saver_nice=p("saver_nice", 5, "niceness of the saver process"),
+            streaming_encoding=p("streaming_encoding", True, "encode video frame by frame (no PNGs)"),
+            # joint_state without names: the names come from the first message
+            environment_state_names=(tuple(env_names) or None) if env_topic else (),
         )
         if topics == [""] or not topics:
             topics = ["image"] if len(cameras) == 1 else [f"image_{c}" for c in cameras]
         if len(topics) != len(cameras):
             raise ValueError(f"image_topics ({len(topics)}) must name one topic per camera ({len(cameras)})")
-        if self.action_type not in ("joint_state", "float64_multi_array"):
+        for label, kind in (("action_type", self.action_type), ("environment_state_type", self.env_type)):
+            if kind not in ("joint_state", "float64_multi_array"):
+                raise ValueError(f"{label} must be joint_state or float64_multi_array, not {kind!r}")
+        if env_topic and self.env_type == "float64_multi_array" and not env_names:
             raise ValueError(
-                f"action_type must be joint_state or float64_multi_array, not {self.action_type!r}"
+                "environment_state_names is required for a float64_multi_array environment state"
             )
+        self.stop_waits = p(
+            "stop_waits_for_save", True, "stop_episode answers once saved (false: once sealed on disk)"
+        )
+        self.drain_timeout_s = p(
+            "stop_drain_timeout_s", 1.0, "[s] stop first takes the messages already queued, up to this long"
+        )
+        self.shutdown_save_timeout_s = p(
+            "shutdown_save_timeout_s", 300.0, "[s] on shutdown, wait this long for saves in flight"
+        )
+        depth = p("queue_depth", 50, "queue depth of the joint state, action, reward topics (reliable)")
+        image_qos = QoSProfile(
+            depth=p("image_queue_depth", 30, "queue depth of the image topics (best effort)"),
+            reliability=ReliabilityPolicy.BEST_EFFORT,
+            history=HistoryPolicy.KEEP_LAST,
+        )
         self.recorder = EpisodeRecorder(cfg)
+        self.recorder.on_saved = self._on_saved
+        # per stream: messages received while recording (episode / since start), last callback time,
+        # smallest and latest (receive time - header stamp): tells a backlog from fresh messages
+        self.streams: dict[str, _StreamStats] = {}
         self.data_root = cfg.data_root
         self.counters: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -127,7 +219,9 @@ class RefinementNode(Node):
         self._engine = None
         self._engine_lock = threading.Lock()
 
-        sensors = ReentrantCallbackGroup()
+        # one mutually exclusive group: messages are handled one at a time, in order, by one executor thread
+        # (a reentrant group on 4 threads cost more CPU than it saved on 2 cores: bench_recorder_node.py)
+        sensors = MutuallyExclusiveCallbackGroup()
         recording = MutuallyExclusiveCallbackGroup()
         judging = MutuallyExclusiveCallbackGroup()
         image_type = CompressedImage if self.compressed else Image
@@ -138,23 +232,34 @@ class RefinementNode(Node):
                     image_type,
                     topic,
                     lambda msg, cam=cam: self._on_image(cam, msg),
-                    qos_profile_sensor_data,
+                    image_qos,
                     callback_group=sensors,
                 )
             )
         self._subs.append(
-            self.create_subscription(JointState, "joint_states", self._on_state, 50, callback_group=sensors)
+            self.create_subscription(
+                JointState, "joint_states", self._on_state, depth, callback_group=sensors
+            )
         )
         action_msg = JointState if self.action_type == "joint_state" else Float64MultiArray
         self._subs.append(
-            self.create_subscription(action_msg, "action", self._on_action, 50, callback_group=sensors)
+            self.create_subscription(action_msg, "action", self._on_action, depth, callback_group=sensors)
         )
         self._subs.append(
-            self.create_subscription(RewardSignal, "reward", self._on_reward, 50, callback_group=sensors)
+            self.create_subscription(RewardSignal, "reward", self._on_reward, depth, callback_group=sensors)
         )
+        if env_topic:
+            env_msg = JointState if self.env_type == "joint_state" else Float64MultiArray
+            self._subs.append(
+                self.create_subscription(
+                    env_msg, env_topic, self._on_environment_state, depth, callback_group=sensors
+                )
+            )
         self.create_service(StartEpisode, "~/start_episode", self._start, callback_group=recording)
         self.create_service(StopEpisode, "~/stop_episode", self._stop, callback_group=recording)
         self.create_service(JudgeEpisode, "~/judge_episode", self._judge, callback_group=judging)
+        self.nightly = NightlyRunner(self.data_root / "nightly")
+        self.create_service(Trigger, "~/run_nightly", self._run_nightly, callback_group=judging)
         self.create_timer(0.1, self._auto_stop_check, callback_group=recording)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
@@ -170,8 +275,18 @@ class RefinementNode(Node):
             return header.stamp.sec + header.stamp.nanosec * 1e-9
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _on_image(self, camera: str, msg) -> None:
+    def _received(self, stream: str, header=None) -> bool:
+        """Count a message of `stream`; False when no episode is recording (the message is ignored)."""
         if not self.recorder.recording:
+            return False
+        stats = self.streams.get(stream)
+        if stats is None:
+            stats = self.streams[stream] = _StreamStats()
+        stats.received(header)
+        return True
+
+    def _on_image(self, camera: str, msg) -> None:
+        if not self._received(f"camera:{camera}", msg.header):
             return
         try:
             rgb = compressed_msg_to_rgb(msg) if self.compressed else image_msg_to_rgb(msg)
@@ -182,7 +297,7 @@ class RefinementNode(Node):
             self._count("bad_image", f"camera {camera}: {exc}")
 
     def _on_state(self, msg: JointState) -> None:
-        if not self.recorder.recording:
+        if not self._received("state", msg.header):
             return
         values = getattr(msg, self.state_field)
         if len(values) == 0:
@@ -197,7 +312,14 @@ class RefinementNode(Node):
             self._count("bad_joint_state", str(exc))
 
     def _on_action(self, msg) -> None:
-        if not self.recorder.recording:
+        self._on_vector("action", self.recorder.add_action, msg)
+
+    def _on_environment_state(self, msg) -> None:
+        self._on_vector("environment_state", self.recorder.add_environment_state, msg)
+
+    def _on_vector(self, kind: str, add, msg) -> None:
+        """Action or environment state: JointState (field `action_field`) or Float64MultiArray."""
+        if not self._received(kind, msg.header if isinstance(msg, JointState) else None):
             return
         if isinstance(msg, JointState):
             values, names, stamp = (
@@ -205,19 +327,19 @@ class RefinementNode(Node):
                 list(msg.name) or None,
                 self._stamp(msg.header),
             )
-        else:
+        else:  # no header: stamped on receipt
             values, names, stamp = msg.data, None, self.get_clock().now().nanoseconds * 1e-9
         if len(values) == 0:
-            self._count("empty_action", "action without values")
+            self._count(f"empty_{kind}", f"{kind} without values")
             return
         try:
-            if not self.recorder.add_action(stamp, np.asarray(values), names):
-                self._count("nan_action", "action with NaN/inf dropped")
+            if not add(stamp, np.asarray(values), names):
+                self._count(f"nan_{kind}", f"{kind} with NaN/inf dropped")
         except ValueError as exc:
-            self._count("bad_action", str(exc))
+            self._count(f"bad_{kind}", str(exc))
 
     def _on_reward(self, msg: RewardSignal) -> None:
-        if not self.recorder.recording:
+        if not self._received("reward", msg.header):
             return
         self.recorder.add_reward(self._stamp(msg.header), msg.progress, msg.completion_prob, msg.reward)
         self._completed_run = self._completed_run + 1 if msg.completed else 0
@@ -253,6 +375,8 @@ class RefinementNode(Node):
             self._completed_run = 0
             self._auto_stop_reason = ""
             self._episode_started = time.monotonic()
+            for stats in self.streams.values():
+                stats.new_episode()
             res.result = StartEpisode.Response.RESULT_OK
             res.episode_index = started.episode_index
             res.dataset = str(started.dataset)
@@ -271,11 +395,19 @@ class RefinementNode(Node):
             outcome, notes = EpisodeOutcome.UNKNOWN, f"{notes}\n(unknown outcome code {req.outcome})".strip()
         return self._finish(outcome, notes, res)
 
-    def _finish(self, outcome: EpisodeOutcome, notes: str, res: StopEpisode.Response) -> StopEpisode.Response:
+    def _finish(
+        self, outcome: EpisodeOutcome, notes: str, res: StopEpisode.Response, wait: bool = True
+    ) -> StopEpisode.Response:
         with self._control:
-            result = self.recorder.stop(outcome, notes=notes)
+            if self.recorder.recording:
+                self._drain()
+            received = ", ".join(f"{k} {v.episode}" for k, v in sorted(self.streams.items()))
+            # the wait for the saver process blocks only this service's thread, not the callbacks
+            result = self.recorder.stop(outcome, notes=notes, wait=wait and self.stop_waits)
         res.result = STOP_RESULTS[result.status]
         res.message = result.message
+        if result.status not in (SaveStatus.NOT_RECORDING, SaveStatus.DISCARDED):
+            res.message += f" (messages received: {received or 'none'})"
         res.episode_index = max(result.episode_index, 0)
         res.num_frames = result.num_frames
         if result.status is not SaveStatus.NOT_RECORDING:
@@ -286,6 +418,24 @@ class RefinementNode(Node):
             log(result.message)
         return res
 
+    def _drain(self) -> None:
+        """Before sealing, let the callbacks take what is already queued (a loaded machine lags behind):
+        until every stream is quiet or delivers fresh messages again, at most stop_drain_timeout_s."""
+        since = time.monotonic()
+        deadline = since + self.drain_timeout_s
+        while time.monotonic() < deadline:
+            if all(stats.drained(since) for stats in list(self.streams.values())):
+                return
+            time.sleep(0.01)
+
+    def _on_saved(self, result) -> None:
+        """A save finished in the saver process (any stop mode)."""
+        failed = result.status in (SaveStatus.STORAGE_ERROR, SaveStatus.FAILED)
+        self._last_message = result.message
+        self._last_level = DiagnosticStatus.ERROR if failed else DiagnosticStatus.OK
+        if not self.stop_waits or failed:
+            (self.get_logger().error if failed else self.get_logger().info)(result.message)
+
     def _auto_stop_check(self) -> None:
         if not self.recorder.recording:
             return
@@ -294,7 +444,8 @@ class RefinementNode(Node):
             reason = f"auto-stop: timeout after {self.timeout_s:g} s"
         if reason:
             self._auto_stop_reason = ""
-            self._finish(EpisodeOutcome.UNKNOWN, reason, StopEpisode.Response())
+            # nobody waits for an auto-stop: seal and let the saver work while the timer group is free
+            self._finish(EpisodeOutcome.UNKNOWN, reason, StopEpisode.Response(), wait=False)
 
     def _judge(self, req: JudgeEpisode.Request, res: JudgeEpisode.Response) -> JudgeEpisode.Response:
         from lrm_reward.refinement.judge import (
@@ -313,8 +464,6 @@ class RefinementNode(Node):
                 success_threshold=jp["success_threshold"],
                 progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
             )
-            from lrm_reward.refinement.data_root import resolve_inside
-
             target = resolve_inside(self.data_root, req.dataset)  # refuse before loading any model
             if not (target / "meta" / "info.json").exists():
                 raise DatasetNotFoundError(f"no recorded dataset at {target}")
@@ -371,6 +520,46 @@ class RefinementNode(Node):
         )
         return res
 
+    def _run_nightly(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
+        """Start judge + refine in child processes (non-blocking); refuse while a run is going."""
+        np_, jp = self.nightly_params, self.judge_params
+        try:
+            today = self.recorder.cfg.dataset_name_for(datetime.datetime.now())
+            datasets = [
+                resolve_inside(self.data_root, d.replace("{today}", today)) for d in np_["datasets"] if d
+            ]
+            missing = [str(d) for d in datasets if not (d / "meta" / "info.json").exists()]
+            if missing:
+                raise ValueError(f"no recorded dataset at {', '.join(missing)}")
+            if np_["judge"] and not jp["model"]:
+                raise ValueError("nightly.judge is true but no judge model is configured (judge.model)")
+            cfg = NightlyConfig(
+                datasets=datasets,
+                store=Path(np_["store"]).expanduser(),
+                policy=np_["policy"],
+                judge_model=jp["model"] if np_["judge"] else "",
+                judge_adapters=jp["adapters"],
+                judge_device=jp["device"],
+                judge_dtype=jp["dtype"],
+                last_n=jp["completion_last_n"],
+                every_k=jp["curve_every_k"],
+                success_threshold=jp["success_threshold"],
+                progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
+                data_root=self.data_root,
+                demos=[Path(d).expanduser() for d in np_["demos"] if d],
+                steps=np_["steps"],
+                batch_size=np_["batch_size"],
+                device=np_["device"],
+                judge_args=[a for a in np_["judge_args"] if a],
+                refine_args=[a for a in np_["refine_args"] if a],
+            )
+            res.message = self.nightly.start(cfg)
+            res.success = True
+            self.get_logger().info(f"nightly: {res.message}")
+        except (ValueError, RuntimeError, OSError) as exc:  # refused: bad settings, or a run is going
+            res.success, res.message = False, str(exc)
+        return res
+
     def _judge_engine(self):
         with self._engine_lock:
             if self._engine is None:
@@ -404,9 +593,14 @@ class RefinementNode(Node):
         status.message = ("recording: " if self.recorder.recording else "") + self._last_message
         values = {
             "recording": str(self.recorder.recording),
+            "saves in progress": str(self.recorder.saves_pending),
             **{k: str(v) for k, v in self.recorder.totals.items()},
         }
+        for name, stats in sorted(self.streams.items()):
+            values[f"received {name} (episode)"] = str(stats.episode)
+            values[f"received {name} (total)"] = str(stats.total)
         values.update({f"rejected {k}": str(v) for k, v in sorted(self.counters.items())})
+        values.update(self.nightly.status())
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -417,7 +611,7 @@ class RefinementNode(Node):
         with contextlib.suppress(Exception):
             if self.recorder.recording:
                 self.get_logger().warning("shutting down while recording: the episode is discarded")
-            self.recorder.close()
+            self.recorder.close(save_timeout_s=self.shutdown_save_timeout_s)
         with contextlib.suppress(Exception):
             if self._engine is not None:
                 self._engine.close()
@@ -427,7 +621,8 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     """Entry point of `ros2 run lrm_reward refinement_node`."""
     rclpy.init(args=args if args is not None else sys.argv)
     node = RefinementNode(engine_factory=engine_factory)
-    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=4))
+    # threads: the sensor group, a stop waiting for the saver, a judge run (long), timers
+    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=3))
 
 
 if __name__ == "__main__":
