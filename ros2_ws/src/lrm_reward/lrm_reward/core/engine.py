@@ -74,6 +74,18 @@ class EngineConfig:
     prefix_cache: bool = True
     prefix_cache_entries: int = 32
     prefix_cache_bytes: int = 1 << 30
+    # Static-shape suffix pass of the fast path (compiled_suffix.py): "off" (one eager model call),
+    # "cuda-graphs" (eager kernels captured per shape and replayed, no compile), "compile+cuda-graphs"
+    # (inductor-compiled layers, captured), or a torch.compile mode of the decoder layer ("default",
+    # "reduce-overhead" = inductor + cudagraph trees, "max-autotune-no-cudagraphs"). Lengths are padded to
+    # multiples of compile_length_step, batches to powers of two. At start the engine warms up (compiles /
+    # captures) every adapter at compile_warmup_batches with frames of compile_warmup_image (height,
+    # width), for at most compile_warmup_s; other shapes compile on first use.
+    compile: str = "off"
+    compile_length_step: int = 64
+    compile_warmup_batches: tuple[int, ...] = (1,)
+    compile_warmup_image: tuple[int, int] = (480, 640)
+    compile_warmup_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -122,6 +134,34 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self._check_compile()
+
+    def _check_compile(self) -> None:
+        from lrm_reward.core.compiled_suffix import COMPILE_MODES
+
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile != "off" and not self.fast_path:
+            raise ValueError("compile needs fast_path=True (it compiles the fast path's suffix pass)")
+        if not isinstance(self.compile_length_step, int) or not 1 <= self.compile_length_step <= 4096:
+            raise ValueError(
+                f"compile_length_step must be an int in 1..4096, got {self.compile_length_step!r}"
+            )
+        try:
+            batches = tuple(self.compile_warmup_batches)
+            image = tuple(self.compile_warmup_image)
+        except TypeError as exc:
+            raise ValueError("compile_warmup_batches and compile_warmup_image must be sequences") from exc
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches):
+            raise ValueError(f"compile_warmup_batches must be ints >= 1, got {self.compile_warmup_batches!r}")
+        self.compile_warmup_batches = batches
+        if len(image) != 2 or not all(isinstance(v, int) and 1 <= v <= self.max_image_side for v in image):
+            raise ValueError(
+                f"compile_warmup_image must be (height, width) in 1..{self.max_image_side}, got {image!r}"
+            )
+        self.compile_warmup_image = image
+        if not isinstance(self.compile_warmup_s, (int, float)) or not self.compile_warmup_s >= 0:
+            raise ValueError(f"compile_warmup_s must be a number >= 0, got {self.compile_warmup_s!r}")
 
     def describe(self) -> str:
         """Human-readable id of base + adapters."""
@@ -146,6 +186,13 @@ class EngineStats:
     prefix_cache_misses: int = 0
     prefix_cache_evictions: int = 0
     fast_path_fallbacks: int = 0  # logits batches answered by the plain path after the fast path failed
+    # static suffix pass (EngineConfig.compile != "off"), from compiled_suffix.CompileStats
+    compiled_graphs: int = 0  # Dynamo graphs compiled or CUDA graphs captured
+    compile_s: float = 0.0  # time spent compiling / capturing (warm-up included)
+    compile_failures: int = 0  # failures that turned the static pass off (the one-call pass then runs)
+    compile_eager_passes: int = 0  # suffix passes run eagerly by the static path (after a failure, no CUDA)
+    compile_unexpected_recompiles: int = 0  # compiles for a shape already compiled (should stay 0)
+    compile_warmup_s: float = 0.0  # wall time of the warm-up at engine start
 
 
 class RewardEngine(abc.ABC):
@@ -251,9 +298,22 @@ class LocalRewardEngine(RewardEngine):
             cache = (
                 PrefixCache(cfg.prefix_cache_entries, cfg.prefix_cache_bytes) if cfg.prefix_cache else None
             )
+            decoder = None
+            if cfg.compile != "off":
+                from lrm_reward.core.compiled_suffix import SuffixDecoder
+
+                decoder = SuffixDecoder(self._loaded.model, cfg.compile)
             self._fast = FastLogitsReadout(
-                self._loaded.model, self._loaded.processor, self._loaded.device, cfg.max_task_chars, cache
+                self._loaded.model,
+                self._loaded.processor,
+                self._loaded.device,
+                cfg.max_task_chars,
+                cache,
+                decoder=decoder,
+                length_step=cfg.compile_length_step,
             )
+            if decoder is not None and cfg.compile_warmup_batches:
+                self.warm_up(cfg.compile_warmup_batches)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -272,6 +332,64 @@ class LocalRewardEngine(RewardEngine):
     def score(self, queries: list[Query]) -> list[Answer]:
         with self._lock:
             return self._score(list(queries))
+
+    def warm_up(
+        self, batches: tuple[int, ...] | list[int], modalities: tuple[Modality, ...] | None = None
+    ) -> float:
+        """Compile / capture the static suffix pass for these batch sizes; returns the seconds it took.
+
+        Runs synthetic queries (frames of cfg.compile_warmup_image, a short task) through score() for every
+        modality with an adapter (or `modalities`), so the shapes a camera of that resolution produces are
+        ready before the first real query. Stops after cfg.compile_warmup_s (later shapes compile on first
+        use). Leaves the query counters as they were and empties the prefix cache (of warm-up entries, and of
+        any others: they are recomputed on their next miss). No-op when compile is "off".
+        """
+        import time
+
+        fast = self._fast
+        if fast is None or fast.decoder is None:
+            return 0.0
+        if modalities is None:
+            names = self.adapter_names
+            modalities = tuple(m for m in WARMUP_ORDER if not names or m.value in names)
+        height, width = self.cfg.compile_warmup_image
+        frame = np.full((height, width, 3), 128, dtype=np.uint8)
+        counts = {Modality.PROGRESS: 2, Modality.CONTRASTIVE: 2, Modality.COMPLETION: 1}
+        # cudagraph trees record on a later call than the one that compiles
+        calls = 3 if self.cfg.compile == "reduce-overhead" else 2
+        saved = dataclasses.replace(self.stats)
+        start = time.perf_counter()
+        done = []
+        for modality in modalities:
+            for batch in sorted({min(b, self.cfg.max_batch_size) for b in batches}):
+                if time.perf_counter() - start > self.cfg.compile_warmup_s:
+                    log.warning(
+                        "compile warm-up stopped after %.0f s (compile_warmup_s); %s at batch %d and later "
+                        "shapes compile on first use",
+                        time.perf_counter() - start,
+                        modality.value,
+                        batch,
+                    )
+                    break
+                queries = [Query(modality, WARMUP_TASK, [frame] * counts[modality]) for _ in range(batch)]
+                for _ in range(calls):
+                    self.score(queries)
+                done.append(f"{modality.value}@{batch}")
+        elapsed = time.perf_counter() - start
+        if fast.cache is not None:
+            fast.cache.clear()
+        compile_fields = {name: getattr(self.stats, name) for name in _COMPILE_STAT_FIELDS}
+        self.stats = dataclasses.replace(saved, **compile_fields)
+        self.stats.compile_warmup_s += elapsed
+        log.info(
+            "suffix pass %s warmed up in %.1f s (%s; %d graphs, %d failures)",
+            self.cfg.compile,
+            elapsed,
+            ", ".join(done) or "nothing",
+            self.stats.compiled_graphs,
+            self.stats.compile_failures,
+        )
+        return elapsed
 
     def close(self) -> None:
         with self._lock:
@@ -428,6 +546,8 @@ class LocalRewardEngine(RewardEngine):
                 self._fast = None
             return None
         finally:
+            if fast.decoder is not None:
+                self._sync_compile_stats(fast.decoder.stats)
             if before is not None:
                 after = cache.stats()
                 self.stats.prefix_cache_hits += after.hits - before.hits
@@ -435,6 +555,25 @@ class LocalRewardEngine(RewardEngine):
                 self.stats.prefix_cache_evictions += after.evictions - before.evictions
         self._fast_failures = 0
         return answers
+
+    def _sync_compile_stats(self, compiled) -> None:
+        self.stats.compiled_graphs = compiled.graphs
+        self.stats.compile_s = compiled.compile_s
+        self.stats.compile_failures = compiled.failures
+        self.stats.compile_eager_passes = compiled.eager_calls
+        self.stats.compile_unexpected_recompiles = compiled.unexpected_recompiles
+
+
+WARMUP_ORDER = (Modality.PROGRESS, Modality.COMPLETION, Modality.CONTRASTIVE)
+WARMUP_TASK = "pick up the red block and put it in the box"
+_COMPILE_STAT_FIELDS = (
+    "compiled_graphs",
+    "compile_s",
+    "compile_failures",
+    "compile_eager_passes",
+    "compile_unexpected_recompiles",
+    "compile_warmup_s",
+)
 
 
 def _error_answer(query: Query, error: str) -> Answer:

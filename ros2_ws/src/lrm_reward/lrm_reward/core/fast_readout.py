@@ -20,6 +20,14 @@ M-RoPE: Qwen3-VL numbers text tokens 0, 1, 2, ... on all three axes and gives an
 Positions are additive, so a suffix's positions are its own positions shifted by the prefix's next position;
 ``mrope_positions`` computes them (tests check it against the model's own ``get_rope_index``).
 
+Static shapes (``EngineConfig.compile`` != "off"): the suffix pass is split into an eager part (processor,
+vision tower, embeddings, masks, positions) and the language-model part, which ``compiled_suffix.py`` runs
+compiled or as CUDA graphs. For that the batch is padded to a power of two (dummy rows that see only
+themselves) and the suffix (+ trie nodes) and the cached prefix are left-padded to multiples of
+``length_step`` tokens, so one camera resolution gives one shape per (modality, batch bucket). A failure in
+that split path turns it off (logged, ``SuffixDecoder.stats.failures``) and the batch takes the one-call
+path below.
+
 What it is not: no adapter switching, batching policy or OOM handling (``engine.py``), no decoding.
 """
 
@@ -34,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lrm_reward.core import prompts, readouts
+from lrm_reward.core import compiled_suffix, prompts, readouts
 from lrm_reward.core.prefix_cache import PrefixCache, prefix_key
 from lrm_reward.core.types import Answer, Modality, Query
 
@@ -136,7 +144,16 @@ def cache_layers(cache) -> list[tuple[Any, Any]]:
 class FastLogitsReadout:
     """Scores closed answer sets with prefix reuse (cache given) or in one pass without reuse (cache None)."""
 
-    def __init__(self, model, processor, device, max_task_chars: int, cache: PrefixCache | None):
+    def __init__(
+        self,
+        model,
+        processor,
+        device,
+        max_task_chars: int,
+        cache: PrefixCache | None,
+        decoder: compiled_suffix.SuffixDecoder | None = None,
+        length_step: int = 64,
+    ):
         self.model = model
         self.processor = processor
         self.device = device
@@ -149,6 +166,11 @@ class FastLogitsReadout:
         self.dtype = next(model.parameters()).dtype
         self._split_checked: dict[tuple[Modality, int], bool] = {}
         self.prefix_forwards = 0  # how many prefix passes ran (misses, batched)
+        self.decoder = decoder  # static-shape suffix pass (compiled / CUDA graphs); None = one model call
+        self.length_step = length_step
+        self._inner = base.model  # Qwen3VLModel: vision tower, embeddings, language model
+        pad = getattr(processor.tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
 
     # --- public -----------------------------------------------------------------------------------------
 
@@ -160,7 +182,7 @@ class FastLogitsReadout:
         parts = [self._parts(query) for query in queries]
         with torch.inference_mode():
             entries = self._prefix_entries(parts, adapter)
-            first, nodes = self._suffix_pass(parts, entries, trie)
+            first, nodes = self._suffix_pass(parts, entries, trie, adapter)
             return readouts.answers_from_logits(first, nodes, trie, queries, start)
 
     # --- prompt split -----------------------------------------------------------------------------------
@@ -255,12 +277,20 @@ class FastLogitsReadout:
 
     # --- suffix + candidates ----------------------------------------------------------------------------
 
-    def _suffix_pass(self, parts: list[PromptParts], entries: list[PrefixEntry | None], trie):
+    def _suffix_pass(self, parts: list[PromptParts], entries: list[PrefixEntry | None], trie, adapter=None):
         """One forward over [each row's suffix, then the trie nodes] after the rows' cached prefixes.
 
         Returns logits after the answer prefix (B, V) and after each trie node (B, N, V) or None.
         """
         import torch
+
+        if self.decoder is not None and self.decoder.active:
+            try:
+                return self._static_suffix_pass(parts, entries, trie, adapter)
+            except (torch.cuda.OutOfMemoryError, FastPathUnavailable):
+                raise
+            except Exception as exc:  # the split path is an optimisation: the one-call pass still answers
+                self.decoder.give_up(f"static suffix pass failed: {type(exc).__name__}: {exc}")
 
         texts = [part.suffix_text for part in parts]
         images = [image for part in parts for image in part.suffix_images]
@@ -347,6 +377,92 @@ class FastLogitsReadout:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=device).masked_fill(~visible, blocked)
         return mask.unsqueeze(1)
 
+    def _static_suffix_pass(self, parts: list[PromptParts], entries: list[PrefixEntry | None], trie, adapter):
+        """The suffix pass at padded shapes: eager vision + embeddings, then ``self.decoder`` (static part).
+
+        Same inputs and outputs as the one-call pass. Rows are padded to ``padded_batch`` with dummy rows
+        (no prefix, all padding), the suffix + nodes to a multiple of ``length_step`` and the prefix too.
+        """
+        import torch
+
+        texts = [part.suffix_text for part in parts]
+        images = [image for part in parts for image in part.suffix_images]
+        inputs = self._encode(texts, images)
+        ids, suffix_mask = inputs["input_ids"], inputs["attention_mask"]
+        device = ids.device
+        grids = self._grids(inputs, [len(part.suffix_images) for part in parts])
+        rows, width = ids.shape
+        n_nodes = len(trie.node_tokens)
+        step = self.length_step
+        batch = compiled_suffix.padded_batch(rows)
+        total = compiled_suffix.padded_length(width + n_nodes, step)
+        padded_width = total - n_nodes  # suffix columns after padding; the nodes follow
+        prefix_lengths = [entry.length if entry is not None else 0 for entry in entries]
+        prefix_lengths += [0] * (batch - rows)
+        past_width = compiled_suffix.padded_length(max(prefix_lengths), step)
+
+        # token ids: [left padding | each row's (left-padded) suffix | trie nodes]; dummy rows all padding
+        all_ids = torch.full((batch, total), self.pad_id, dtype=ids.dtype, device=device)
+        all_ids[:rows, padded_width - width : padded_width] = ids
+        if n_nodes:
+            all_ids[:, padded_width:] = torch.tensor(trie.node_tokens, dtype=ids.dtype, device=device)
+        real_suffix = torch.zeros((batch, padded_width), dtype=suffix_mask.dtype, device=device)
+        real_suffix[:rows, padded_width - width :] = suffix_mask
+
+        positions = torch.zeros((3, batch, total), dtype=torch.long)
+        lengths = suffix_mask.sum(dim=1).tolist()
+        ids_host = ids.cpu().numpy()
+        depth = torch.tensor(trie.node_depth, dtype=torch.long)
+        for row, entry in enumerate(entries):
+            real = ids_host[row, width - lengths[row] :]
+            start = entry.next_position if entry is not None else 0
+            row_positions, following = mrope_positions(
+                real, self.image_token_id, grids[row], self.merge, start
+            )
+            positions[:, row, padded_width - lengths[row] : padded_width] = torch.from_numpy(row_positions)
+            positions[:, row, padded_width:] = following + depth
+        mask = self._mask(prefix_lengths, past_width, real_suffix, trie, device)
+
+        embeds, deepstack = self._embeddings(all_ids, inputs)
+        text = self.decoder.text
+        cos, sin = text.rotary_emb(embeds, positions.to(device))
+        past = self._stacked_past(entries, batch, past_width) if past_width > 0 else None
+        static = compiled_suffix.SuffixInputs(embeds, cos, sin, mask, past, deepstack, n_nodes + 1)
+        with readouts.tree_mask_attention(self.model):
+            logits = self.decoder(adapter, static)[:rows]  # (rows, 1 + N, V)
+        return logits[:, 0, :], (logits[:, 1:, :] if n_nodes else None)
+
+    def _embeddings(self, ids, inputs):
+        """Token embeddings with the image features scattered in, and dense DeepStack features (or None)."""
+        embeds = self._inner.get_input_embeddings()(ids)
+        if "pixel_values" not in inputs:
+            return embeds, None
+        image_embeds, features = _image_features(
+            self._inner, inputs["pixel_values"], inputs["image_grid_thw"]
+        )
+        image_mask = (ids == self.image_token_id).unsqueeze(-1)
+        if int(image_mask.sum()) != image_embeds.shape[0]:
+            raise FastPathUnavailable(
+                f"{int(image_mask.sum())} image tokens for {image_embeds.shape[0]} image features"
+            )
+        embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+        if not features:
+            return embeds, None
+        dense = embeds.new_zeros((len(features), *embeds.shape))
+        for index, feature in enumerate(features):
+            dense[index] = dense[index].masked_scatter(image_mask, feature.to(embeds.dtype))
+        return embeds, dense
+
+    def _stacked_past(self, entries: list[PrefixEntry | None], batch: int, past_width: int):
+        """(layers, 2, batch, kv_heads, past_width, head_dim): prefixes right-aligned, zeros elsewhere."""
+        sample = next(entry.kv for entry in entries if entry is not None)
+        layers, _, kv_heads, _, head_dim = sample.shape
+        stacked = sample.new_zeros((layers, 2, batch, kv_heads, past_width, head_dim))
+        for row, entry in enumerate(entries):
+            if entry is not None:
+                stacked[:, :, row, :, past_width - entry.length :] = entry.kv
+        return stacked
+
     def _stacked_cache(self, entries: list[PrefixEntry | None], past_width: int):
         """A fresh transformers DynamicCache with each row's prefix left-padded to past_width.
 
@@ -382,3 +498,23 @@ class FastLogitsReadout:
             grids.append([tuple(g) for g in flat[offset : offset + count]])
             offset += count
         return grids
+
+
+def _image_features(inner, pixel_values, grid_thw):
+    """(image embeddings (n_tokens, hidden), DeepStack features per layer) from a Qwen3-VL vision tower.
+
+    transformers 5 returns an output object (pooler_output split per image, deepstack_features); 4.x a tuple.
+    """
+    import torch
+
+    try:
+        out = inner.get_image_features(pixel_values, grid_thw, return_dict=True)
+    except TypeError:  # versions whose get_image_features takes no return_dict
+        out = inner.get_image_features(pixel_values, grid_thw)
+    if hasattr(out, "pooler_output"):
+        embeds, features = out.pooler_output, getattr(out, "deepstack_features", None)
+    else:
+        embeds, features = out[0], (out[1] if len(out) > 1 else None)
+    if isinstance(embeds, (list, tuple)):
+        embeds = torch.cat(list(embeds), dim=0)
+    return embeds, list(features or [])
