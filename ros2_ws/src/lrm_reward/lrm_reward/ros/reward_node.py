@@ -62,6 +62,7 @@ from std_srvs.srv import Trigger
 from lrm_interfaces.msg import RewardSignal
 from lrm_interfaces.srv import SetTask
 from lrm_reward.core.annotation import RewardOverlay, annotate_frame
+from lrm_reward.core.compiled_suffix import COMPILE_MODES
 from lrm_reward.core.frame_slots import LatestFrameSlots
 from lrm_reward.core.images import hstack_rgb
 from lrm_reward.core.pairing import ApproximateTimePairer
@@ -162,6 +163,14 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         _describe("'' (default), 'sdpa', 'flash_attention_2', ...", read_only=True),
     ),
     "model.max_batch_size": (8, _describe("largest batch one engine forward takes", read_only=True)),
+    "model.fast_path": (
+        True,
+        _describe("reuse each episode prompt-prefix KV cache; false = plain path", read_only=True),
+    ),
+    "model.compile": (
+        "off",
+        _describe(f"static suffix pass, one of {COMPILE_MODES} (GPU)", read_only=True),
+    ),
     "model.local_files_only": (
         True,
         _describe("never download: Hub ids must already be in the local cache", read_only=True),
@@ -349,6 +358,8 @@ class RewardNode(LifecycleNode):
             return f"model.readout must be one of {READOUTS}, got {value!r}"
         if name == "model.dtype" and value not in DTYPES:
             return f"model.dtype must be one of {DTYPES}, got {value!r}"
+        if name == "model.compile" and value not in COMPILE_MODES:
+            return f"model.compile must be one of {COMPILE_MODES}, got {value!r}"
         if name == "model.max_batch_size" and value < 1:
             return f"model.max_batch_size must be >= 1, got {value}"
         if name == "model.base" and not str(value).strip():
@@ -448,6 +459,8 @@ class RewardNode(LifecycleNode):
             dtype=self._param("model.dtype"),
             attn_implementation=self._param("model.attn_implementation") or None,
             max_batch_size=self._param("model.max_batch_size"),
+            fast_path=self._param("model.fast_path"),
+            compile=self._param("model.compile"),
             local_files_only=self._param("model.local_files_only"),
             backend=self._param("model.backend"),
             max_task_chars=self._param("max_task_chars"),
