@@ -248,3 +248,65 @@ def test_per_modality_settings_apply_to_that_modality_only(tiny_lrm, small_datas
     assert meta["config"]["learning_rate"] == 1e-3
     with pytest.raises(ValueError, match="per_modality"):
         quick_config(tiny_lrm.base, small_dataset, out, per_modality={"contrastive": {"seed": 3}})
+
+
+def test_init_from_starts_an_adapter_from_one_trained_before(tiny_lrm, small_dataset, tmp_path):
+    out = tmp_path / "init"
+    cfg = quick_config(
+        tiny_lrm.base,
+        small_dataset,
+        out,
+        modalities=["completion", "progress"],
+        max_steps=1,
+        learning_rate=1e-12,  # the progress adapter barely moves from where it started
+        modules_to_save=["visual"],
+        progress_modules_to_save=["visual", "lm_head"],
+        init_from={"progress": "completion"},
+        cpu_threads=1,
+    )
+    T.train(cfg, show_progress=False)
+    source = load_file(str(out / "completion" / "adapter_model.safetensors"))
+    started = load_file(str(out / "progress" / "adapter_model.safetensors"))
+    completion_config = json.loads((out / "completion" / "adapter_config.json").read_text())
+    assert completion_config["modules_to_save"] == ["visual"]
+    shared = [k for k in source if k in started]
+    assert any("lora_B" in k for k in shared) and any("visual" in k for k in shared)
+    for key in shared:
+        assert torch.allclose(source[key], started[key], atol=1e-6), key
+    # lm_head is trained by progress only: saved with it, fresh (not from completion)
+    assert any("lm_head" in k for k in started) and not any("lm_head" in k for k in source)
+
+
+def test_init_from_and_cpu_threads_are_validated(tiny_lrm, small_dataset, tmp_path):
+    with pytest.raises(ValueError, match="trained before"):
+        quick_config(
+            tiny_lrm.base,
+            small_dataset,
+            tmp_path,
+            modalities=["progress", "completion"],
+            init_from={"progress": "completion"},
+        )
+    with pytest.raises(ValueError, match="init_from"):
+        quick_config(tiny_lrm.base, small_dataset, tmp_path, init_from={"progress": "progress"})
+    with pytest.raises(ValueError, match="cpu_threads"):
+        quick_config(tiny_lrm.base, small_dataset, tmp_path, cpu_threads=0)
+
+
+def test_cpu_threads_are_restored_after_training(tiny_lrm, small_dataset, tmp_path):
+    before = torch.get_num_threads()
+    T.train(
+        quick_config(tiny_lrm.base, small_dataset, tmp_path / "t", max_steps=1, cpu_threads=1),
+        show_progress=False,
+    )
+    assert torch.get_num_threads() == before
+
+
+def test_demo_recipe_file_is_a_valid_config_once_paths_are_added(tiny_lrm, small_dataset, tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "config" / "demo_reward_train.yaml"
+    raw = T.read_config_file(recipe)
+    assert not {"base_model", "datasets", "output_dir"} & set(raw)
+    raw.update(base_model=str(tiny_lrm.base), datasets=[str(small_dataset)], output_dir=str(tmp_path))
+    cfg = T._build(T.TrainConfig, raw, "recipe")
+    assert cfg.modalities[0] is Modality.COMPLETION and cfg.init_from["progress"] == "completion"

@@ -127,6 +127,20 @@ def test_progress_samples_are_normalized_time_on_the_answer_grid(episode_set):
     assert all(labels == set(prompts.PROGRESS_ANSWERS) for labels in per_episode.values())
 
 
+def test_progress_per_label_draws_distinct_frames_per_grid_value(episode_set):
+    cfg = S.SampleConfig(progress_per_label=3)
+    samples = S.build_samples(episode_set.episodes, Modality.PROGRESS, cfg, seed=0)
+    one = S.build_samples(episode_set.episodes, Modality.PROGRESS, S.SampleConfig(), seed=0)
+    assert len(samples) > len(one)
+    seen = set()
+    for s in samples:
+        assert float(s.label) == pytest.approx(round(s.frames[1] / (N_FRAMES - 1) * 10) / 10)
+        assert (s.episode, s.frames) not in seen  # no frame twice
+        seen.add((s.episode, s.frames))
+    with pytest.raises(ValueError, match="progress_per_label"):
+        S.SampleConfig(progress_per_label=0)
+
+
 def test_completion_samples_yes_only_at_the_end_of_successes_and_balanced(episode_set):
     cfg = S.SampleConfig()
     samples = S.build_samples(episode_set.episodes, Modality.COMPLETION, cfg, seed=0)

@@ -100,6 +100,7 @@ class SampleConfig:
     seed: int = 0
     min_frames: int = 8  # shorter episodes are skipped (counted as "too_short")
     use_initial_frame: bool = True  # progress prompt with [initial, current]; False: [current] only
+    progress_per_label: int = 1  # frames per 0.1 grid value and successful episode (more: more data)
     completion_end_fraction: float = 0.1  # last 10% of a successful episode answers "yes"
     completion_no_before: float = 0.6  # frames of a successful episode before this time answer "no"
     completion_per_episode: int = 6  # samples per class and episode (before balancing)
@@ -122,7 +123,7 @@ class SampleConfig:
             raise ValueError("contrastive_min_gap must be in (0, 1)")
         if not 0.0 <= self.rewound_share <= 1.0:
             raise ValueError("rewound_share must be in [0, 1]")
-        for name in ("completion_per_episode", "contrastive_per_episode", "voc_frames"):
+        for name in ("progress_per_label", "completion_per_episode", "contrastive_per_episode", "voc_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.voc_frames < 2:
@@ -460,7 +461,7 @@ def split_episodes(
 
 
 def progress_samples(episodes: list[Episode], cfg: SampleConfig, rng: np.random.Generator) -> list[Sample]:
-    """One frame per 0.1 grid value and successful episode (balanced over the answer list)."""
+    """progress_per_label frames per 0.1 grid value and successful episode (balanced over the answers)."""
     out: list[Sample] = []
     for ep in episodes:
         if not ep.success:
@@ -469,9 +470,14 @@ def progress_samples(episodes: list[Episode], cfg: SampleConfig, rng: np.random.
         for t in range(ep.length):
             by_label.setdefault(progress_label(t, ep.length), []).append(t)
         for label in sorted(by_label):
-            t = int(rng.choice(by_label[label]))
-            frames = (0, t) if cfg.use_initial_frame else (t,)
-            out.append(Sample(Modality.PROGRESS, ep.key, ep.task, frames, label, "time"))
+            chosen = (
+                [int(rng.choice(by_label[label]))]
+                if cfg.progress_per_label == 1
+                else _pick(by_label[label], cfg.progress_per_label, rng)
+            )
+            for t in chosen:
+                frames = (0, t) if cfg.use_initial_frame else (t,)
+                out.append(Sample(Modality.PROGRESS, ep.key, ep.task, frames, label, "time"))
     return out
 
 

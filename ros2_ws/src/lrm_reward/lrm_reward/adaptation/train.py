@@ -60,6 +60,8 @@ PER_MODALITY_KEYS = (
     "lora_alpha",
     "lora_dropout",
     "weight_decay",
+    "progress_modules_to_save",
+    "modules_to_save",
 )
 SPLIT_FILE = "split.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -104,6 +106,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     progress_modules_to_save: tuple[str, ...] = ("visual",)  # like the released progress adapter; () = none
+    # fully trained (and saved) modules of the contrastive and completion adapters; the released ones have
+    # none, but a small base may need its vision tower trained to see the task ("visual")
+    modules_to_save: tuple[str, ...] = ()
     gradient_checkpointing: bool = False
     save_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
@@ -111,6 +116,13 @@ class TrainConfig:
     per_modality: dict[str, dict] = field(default_factory=dict)
     attn_implementation: str | None = None
     local_files_only: bool = True
+    # torch CPU threads while training (None = torch's default). Small models on a busy CPU train several
+    # times faster with 1 thread than with one per core (thread hand-offs cost more than the math).
+    cpu_threads: int | None = None
+    # start an adapter from another one trained earlier in the same run, e.g. {"progress": "completion"}:
+    # its LoRA weights and trained modules (vision tower) are copied in before training. A small base
+    # learns to see the task much faster for a binary question (completion) than for the 11 progress values.
+    init_from: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -149,8 +161,23 @@ class TrainConfig:
             )
         self.target_modules = tuple(self.target_modules)
         self.progress_modules_to_save = tuple(self.progress_modules_to_save or ())
+        self.modules_to_save = tuple(self.modules_to_save or ())
+        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or left out), got {self.cpu_threads}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        self.init_from = dict(self.init_from or {})
+        order = [m.value for m in self.modalities]
+        for target, source in self.init_from.items():
+            if target not in ADAPTER_LAYOUT or source not in ADAPTER_LAYOUT or target == source:
+                raise ValueError(
+                    f"init_from: {target!r} <- {source!r} must name two different modalities "
+                    f"({list(ADAPTER_LAYOUT)})"
+                )
+            if target in order and source in order and order.index(source) > order.index(target):
+                raise ValueError(
+                    f"init_from: {source!r} must be trained before {target!r}; list it first in modalities"
+                )
         self.per_modality = dict(self.per_modality or {})
         for name, changes in self.per_modality.items():
             if name not in ADAPTER_LAYOUT:
@@ -381,23 +408,29 @@ def train(
     torch.manual_seed(cfg.seed)
 
     results = []
-    for modality in cfg.modalities:
-        samples = S.build_samples(train_eps, modality, cfg.samples, cfg.samples.seed)
-        if not samples:
-            raise TrainingError(f"no {modality.value} samples could be built from the training episodes")
-        results.append(
-            _train_modality(
-                cfg.for_modality(modality),
-                modality,
-                samples,
-                episode_set,
-                processor,
-                fingerprint,
-                device,
-                on_step,
-                show_progress,
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(int(cfg.cpu_threads))
+    try:
+        for modality in cfg.modalities:
+            samples = S.build_samples(train_eps, modality, cfg.samples, cfg.samples.seed)
+            if not samples:
+                raise TrainingError(f"no {modality.value} samples could be built from the training episodes")
+            results.append(
+                _train_modality(
+                    cfg.for_modality(modality),
+                    modality,
+                    samples,
+                    episode_set,
+                    processor,
+                    fingerprint,
+                    device,
+                    on_step,
+                    show_progress,
+                )
             )
-        )
+    finally:
+        torch.set_num_threads(threads)
     return TrainResult(cfg.output_dir, results, episode_set.summary())
 
 
@@ -452,11 +485,28 @@ def _write_split(cfg: TrainConfig, episode_set: S.EpisodeSet, train_eps, held_ou
 
 def _run_fingerprint(cfg: TrainConfig, modality: Modality, samples: list[S.Sample], base: dict) -> str:
     relevant = cfg.to_dict()
-    for volatile in ("output_dir", "device", "save_every", "keep_checkpoints", "modalities", "datasets"):
+    for volatile in (
+        "output_dir",
+        "device",
+        "save_every",
+        "keep_checkpoints",
+        "modalities",
+        "datasets",
+        "cpu_threads",
+    ):
         relevant.pop(volatile, None)
+    # settings added later, at their defaults, leave the fingerprints of earlier runs unchanged
+    for added, default in (("modules_to_save", []), ("init_from", {})):
+        if relevant.get(added) == default:
+            relevant.pop(added)
+    if relevant["samples"].get("progress_per_label") == 1:
+        relevant["samples"].pop("progress_per_label")
     relevant["modality"] = modality.value
     relevant["base"] = base
     relevant["samples_list"] = [(str(s.episode), s.frames, s.label) for s in samples]
+    source = cfg.init_from.get(modality.value)
+    if source:  # a retrained source adapter must retrain this one too
+        relevant["init_from_run"] = _read_json(cfg.output_dir / source / METADATA_FILE).get("run_id")
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -478,7 +528,9 @@ def _load_base_model(cfg: TrainConfig):
 def _lora_config(cfg: TrainConfig, modality: Modality):
     from peft import LoraConfig
 
-    modules_to_save = list(cfg.progress_modules_to_save) if modality is Modality.PROGRESS else None
+    modules_to_save = list(
+        cfg.progress_modules_to_save if modality is Modality.PROGRESS else cfg.modules_to_save
+    )
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -520,6 +572,9 @@ def _train_modality(
         model = get_peft_model(model, _lora_config(cfg, modality))
     except Exception as exc:
         raise BaseModelMismatchError(f"cannot attach LoRA to {cfg.base_model!r}: {exc}") from exc
+    source = cfg.init_from.get(modality.value)
+    if source:
+        _init_from_adapter(model, cfg.output_dir / source, modality)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -643,6 +698,28 @@ def _train_modality(
     return ModalityResult(
         modality, final_dir, total_steps, len(samples), loss_value, resumed_from_step=start_step
     )
+
+
+def _init_from_adapter(model, folder: Path, modality: Modality) -> None:
+    """Copy the weights of a trained adapter folder into this one (the ones both have)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise TrainingError(
+            f"{modality.value}: init_from {folder.name!r}, but {weights} does not exist (train it first)"
+        )
+    # modules this adapter trains but the source did not (e.g. lm_head) keep their fresh values
+    state = get_peft_model_state_dict(model)
+    loaded = load_file(str(weights))
+    used = {key: value for key, value in loaded.items() if key in state}
+    state.update(used)
+    try:
+        set_peft_model_state_dict(model, state)
+    except (RuntimeError, KeyError) as exc:
+        raise TrainingError(f"{modality.value}: cannot start from {folder}: {exc}") from exc
+    log.info("%s: started from %s (%d of %d tensors)", modality.value, folder, len(used), len(state))
 
 
 class SampleOrder:
