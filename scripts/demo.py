@@ -52,7 +52,13 @@ for _var, _val in (
 
 from tqdm import tqdm  # noqa: E402
 
-from lrm_reward.sim.so101_scene import ACTION_NAMES, JOINT_NAMES, TASK, SimRenderError  # noqa: E402
+from lrm_reward.sim.so101_scene import (  # noqa: E402
+    ACTION_NAMES,
+    ENV_STATE_NAMES,
+    JOINT_NAMES,
+    TASK,
+    SimRenderError,
+)
 
 STAGES = ("demos", "reward", "policy", "rollout1", "judge1", "refine", "rollout2", "judge2", "report")
 POLICY_NAME = "act_so101"
@@ -61,7 +67,11 @@ DEMO_SEED = 0
 TINY_CACHE = REPO / ".cache" / "tiny_lrm"
 NODE_START_TIMEOUT_S = 120.0
 EPISODE_TIMEOUT_S = 120.0
-EMPTY_EPISODE_RETRIES = 2  # same seed again when the recorder got no complete frame
+# The policy reads the joints and the cube/goal positions (what a pose estimator or AprilTag gives a real
+# lab), not the camera: a vision policy cannot learn to find the cube in a few CPU minutes. The camera
+# stays in the recordings for the reward model and the judge.
+POLICY_INPUTS = ("observation.state", "observation.environment_state")
+ENV_STATE_TOPIC = "/environment_state"
 
 
 @dataclass
@@ -78,6 +88,8 @@ class DemoSettings:
     policy_steps: int
     refine_steps: int
     batch_size: int
+    policy_lr: float
+    refine_lr: float
     interval_frames: int
     lrm_weights: str
     device: str
@@ -87,15 +99,17 @@ class DemoSettings:
         quick = args.quick
         return cls(
             demos=args.demos or (5 if quick else 30),
-            episodes=args.episodes or (3 if quick else 10),
-            max_steps=args.max_steps or (50 if quick else 90),
+            episodes=args.episodes or (3 if quick else 20),
+            max_steps=args.max_steps or (50 if quick else 100),
             image_size=96,
             expert_action_sigma=args.action_sigma,
             expert_grasp_offset_m=args.grasp_offset,
             reward_steps=args.reward_steps or (8 if quick else 60),
-            policy_steps=args.policy_steps or (10 if quick else 600),
-            refine_steps=args.refine_steps or (10 if quick else 300),
-            batch_size=4 if quick else 8,
+            policy_steps=args.policy_steps or (10 if quick else 2000),
+            refine_steps=args.refine_steps or (10 if quick else 800),
+            batch_size=8 if quick else 32,
+            policy_lr=args.policy_lr,
+            refine_lr=args.refine_lr,
             interval_frames=args.interval_frames,
             lrm_weights=str(Path(args.lrm_weights).resolve()) if args.lrm_weights else "",
             device=args.device,
@@ -177,6 +191,7 @@ def collect_demos(out: Path, s: DemoSettings) -> dict:
                 spool_to_disk=False,
                 image_writer_threads=0,
                 rewards=True,  # NaN rewards: the same features as the recorded rollouts
+                environment_state_names=ENV_STATE_NAMES,
             )
         )
         for ok in (True, False)
@@ -203,6 +218,7 @@ def collect_demos(out: Path, s: DemoSettings) -> dict:
                 t = t0 + k * CONTROL_DT_S
                 rec.add_image("front", t, st.image)
                 rec.add_state(t, st.joint_positions, JOINT_NAMES)
+                rec.add_environment_state(t, st.environment_state, ENV_STATE_NAMES)
                 rec.add_action(t, frames[k + 1][1], ACTION_NAMES)
             result = rec.stop(EpisodeOutcome.SUCCESS if ok else EpisodeOutcome.FAILURE)
             if result.status.value not in ("saved",):
@@ -290,36 +306,60 @@ def act_overrides(s: DemoSettings) -> dict:
         "n_encoder_layers": 2,
         "n_decoder_layers": 1,
         "use_vae": False,
+        # ACT leaves observation.environment_state unnormalized; the cube/goal offsets are centimetres,
+        # small next to the joint angles, so they get the same mean/std scaling as the state.
+        "normalization_mapping": {"ENV": "MEAN_STD"},
     }
 
 
-def train_policy(out: Path, s: DemoSettings, demos: dict) -> dict:
-    from lrm_reward.refinement.refine import RefineConfig, refine
+@contextlib.contextmanager
+def one_torch_thread():
+    """A policy this small trains fastest on one thread; two OpenMP threads on a busy 2-core machine spin
+    against each other (measured: the same ACT steps became several times slower)."""
+    import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_policy(out: Path, s: DemoSettings, demos: dict) -> dict:
     store = out / "policies"
     if store.exists():
         shutil.rmtree(store)
-    result = refine(
-        RefineConfig(
-            store_root=store,
-            policy_name=POLICY_NAME,
-            demos=[Path(demos["root"])],
-            steps=s.policy_steps,
-            batch_size=s.batch_size,
-            lr=1e-4,
-            device=s.device,
-            from_scratch=True,
-            policy_type="act",
-            policy_overrides=act_overrides(s),
-            report=False,
-        )
-    )
+    with one_torch_thread():
+        result = _train_from_scratch(store, s, demos)
     return {
         "store": str(store),
         "version": result.version.ref,
         "path": str(result.version.path),
         "final_loss": result.losses[-1] if result.losses else None,
     }
+
+
+def _train_from_scratch(store: Path, s: DemoSettings, demos: dict):
+    from lrm_reward.refinement.refine import RefineConfig, refine
+
+    return refine(
+        RefineConfig(
+            store_root=store,
+            policy_name=POLICY_NAME,
+            demos=[Path(demos["root"])],
+            steps=s.policy_steps,
+            batch_size=s.batch_size,
+            lr=s.policy_lr,
+            device=s.device,
+            from_scratch=True,
+            policy_type="act",
+            policy_overrides=act_overrides(s),
+            policy_inputs=POLICY_INPUTS,
+            cache_frames=True,
+            report=False,
+        )
+    )
 
 
 def refine_policy(out: Path, s: DemoSettings, rollout: dict, demos: dict) -> dict:
@@ -334,7 +374,8 @@ def refine_policy(out: Path, s: DemoSettings, rollout: dict, demos: dict) -> dic
                 demos=[Path(demos["root"])],
                 steps=s.refine_steps,
                 batch_size=s.batch_size,
-                lr=1e-4,
+                lr=s.refine_lr,
+                cache_frames=True,
                 device=s.device,
             )
         )
@@ -413,9 +454,12 @@ def start_nodes(work: Path, s: DemoSettings, reward_model: dict, policy_path: st
         "cameras": ["front"],
         "action_type": "joint_state",
         "use_videos": False,
-        "spool_to_disk": False,
+        "stop_waits_for_save": True,  # judged right after the round: every episode must be on disk
         "image_writer_threads": 0,
         "max_gap_s": 1.0,
+        "environment_state_topic": ENV_STATE_TOPIC,
+        "environment_state_type": "joint_state",  # stamped like the frame it belongs to
+        "environment_state_names": list(ENV_STATE_NAMES),
     }
     sim_params = {
         "image_size": s.image_size,
@@ -460,7 +504,6 @@ class DemoClient:
 
     def __init__(self) -> None:
         import rclpy
-        from rcl_interfaces.srv import SetParameters
         from rclpy.node import Node
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from std_msgs.msg import String
@@ -489,8 +532,6 @@ class DemoClient:
         self.set_task = self.node.create_client(SetTask, "/reward_node/set_task")
         self.rec_start = self.node.create_client(StartEpisode, "/refinement_node/start_episode")
         self.rec_stop = self.node.create_client(StopEpisode, "/refinement_node/stop_episode")
-        self.sim_params = self.node.create_client(SetParameters, "/sim_robot_node/set_parameters")
-        self.rerun_episodes = 0  # episodes run again because the recorder saw no complete frame
         self.types = {
             "Trigger": Trigger,
             "SetTask": SetTask,
@@ -528,20 +569,7 @@ class DemoClient:
             raise DemoError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
         return future.result()
 
-    def set_sim_seed(self, seed: int) -> None:
-        from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-        from rcl_interfaces.srv import SetParameters
-
-        value = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=seed)
-        res = self.call(
-            self.sim_params, SetParameters.Request(parameters=[Parameter(name="seed", value=value)])
-        )
-        if not all(r.successful for r in res.results):
-            raise DemoError(f"sim_robot_node refused seed {seed}: {[r.reason for r in res.results]}")
-
-    def run_episode(
-        self, policy_version: str, round_name: str, nodes: list[NodeProcess], attempt: int = 0
-    ) -> dict:
+    def run_episode(self, policy_version: str, round_name: str, nodes: list[NodeProcess]) -> dict:
         T = self.types
         res = self.call(self.set_task, T["SetTask"].Request(task=TASK, reset_only=True))
         if res.result != res.RESULT_OK:
@@ -579,8 +607,6 @@ class DemoClient:
             if any(r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 >= last for r in self.rewards[-5:]):
                 break
             self.rclpy.spin_once(self.node, timeout_sec=0.05)
-        for _ in range(5):  # let the recorder's queues drain
-            self.rclpy.spin_once(self.node, timeout_sec=0.05)
         truth = "success" if result["success"] else "failure"
         stop = self.call(
             self.rec_stop,
@@ -588,13 +614,6 @@ class DemoClient:
                 outcome=0, notes=f"simulator ground truth: {truth} (seed {result['seed']})"
             ),
         )
-        if stop.result == stop.RESULT_EMPTY_EPISODE and attempt < EMPTY_EPISODE_RETRIES:
-            # Known recorder issue on a loaded 2-core machine: the node sometimes misses the first messages
-            # of an episode. Run the same seed again (counted and reported) rather than lose the round.
-            say(f"{round_name}: seed {result['seed']} not recorded ({stop.message}); running it again")
-            self.rerun_episodes += 1
-            self.set_sim_seed(int(result["seed"]))
-            return self.run_episode(policy_version, round_name, nodes, attempt + 1)
         if stop.result != stop.RESULT_OK:
             raise DemoError(f"refinement_node stop_episode: {stop.message}")
         return {
@@ -630,7 +649,6 @@ def rollout(out: Path, s: DemoSettings, reward_model: dict, policy: dict, round_
             episodes.append(ep)
             bar.set_postfix(successes=sum(e["success"] for e in episodes))
         rewards = len(client.rewards)
-        rerun = client.rerun_episodes
     finally:
         if client is not None:
             client.close()
@@ -644,7 +662,6 @@ def rollout(out: Path, s: DemoSettings, reward_model: dict, policy: dict, round_
         "success_rate": successes / len(episodes),
         "policy_version": policy["version"],
         "reward_messages": rewards,
-        "episodes_run_again": rerun,
         "wall_s": time.monotonic() - started,
     }
 
@@ -848,13 +865,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--demos", type=int, default=None, help="expert demonstrations to collect")
     p.add_argument("--episodes", type=int, default=None, help="rollouts per round")
     p.add_argument("--max-steps", type=int, default=None, help="steps per episode (10 per second)")
-    p.add_argument("--action-sigma", type=float, default=0.15, help="expert action noise")
+    p.add_argument("--action-sigma", type=float, default=0.05, help="expert action noise")
     p.add_argument("--grasp-offset", type=float, default=0.01, help="[m] expert grasp offset std")
     p.add_argument(
         "--reward-steps", type=int, default=None, help="reward adapter training steps per modality"
     )
     p.add_argument("--policy-steps", type=int, default=None, help="ACT training steps on the demonstrations")
     p.add_argument("--refine-steps", type=int, default=None, help="ACT refinement steps")
+    p.add_argument("--policy-lr", type=float, default=5e-4, help="learning rate of the ACT training")
+    p.add_argument("--refine-lr", type=float, default=2e-4, help="learning rate of the ACT refinement")
     p.add_argument("--interval-frames", type=int, default=5, help="reward_node queries every k frames")
     return p
 
@@ -894,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = judge(settings, done["reward"], done["rollout" + stage[-1]])
                 say(f"{stage}: judge accuracy {res['accuracy']:.0%} ({res['matrix']})")
             elif stage == "refine":
-                res = refine_policy(out, settings, done["rollout1"], done["demos"])
+                with one_torch_thread():
+                    res = refine_policy(out, settings, done["rollout1"], done["demos"])
                 say(f"refined {res['version']} on {res['judged_successes_used']} judged successes")
             else:
                 timings["total (this invocation)"] = time.monotonic() - t_all

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
@@ -68,6 +69,9 @@ def test_rollouts_were_recorded_through_the_nodes_with_live_rewards(quick_demo):
         df = pd.concat([pd.read_parquet(f) for f in files])
         assert sorted(df["episode_index"].unique()) == [e["episode_index"] for e in roll["episodes"]]
         assert df["reward.progress"].notna().any()  # reward_node scored live and the recorder kept it
+        # the sim's perception output came over ROS and was recorded for every frame
+        env = np.stack(df["observation.environment_state"].to_numpy())
+        assert env.shape == (len(df), 6) and np.all(np.isfinite(env))
         sidecars = sorted(Path(roll["dataset"], "recording").glob("episode_*.json"))
         assert len(sidecars) == len(roll["episodes"])
         assert all("simulator ground truth" in json.loads(p.read_text())["notes"] for p in sidecars)
@@ -92,6 +96,10 @@ def test_refinement_made_a_new_policy_version_and_rollout2_used_it(quick_demo):
     assert done["refine"]["version"] != done["policy"]["version"]
     assert done["rollout2"]["policy_version"] == done["refine"]["version"]
     assert Path(done["refine"]["path"], "config.json").is_file()
+    # a state-only policy (joints + object positions), and refinement kept its inputs
+    for stage in ("policy", "refine"):
+        meta = json.loads(Path(done[stage]["path"], "metadata.json").read_text())
+        assert meta["policy_inputs"] == ["observation.state", "observation.environment_state"]
     # the same seeds in both rounds, so before/after compare the same layouts
     assert [e["seed"] for e in done["rollout1"]["episodes"]] == [
         e["seed"] for e in done["rollout2"]["episodes"]

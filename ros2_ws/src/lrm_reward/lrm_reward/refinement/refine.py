@@ -36,6 +36,7 @@ from lrm_reward.refinement.policy_store import (
 log = logging.getLogger(__name__)
 
 REFINE_VERSION = "lrm-refine/1"
+OBSERVATION_PREFIX = "observation."
 
 
 class NothingToTrainError(RuntimeError):
@@ -62,6 +63,15 @@ class RefineConfig:
     from_scratch: bool = False  # no current version yet: build a new policy of policy_type
     policy_type: str = "act"
     policy_overrides: dict = field(default_factory=dict)  # config fields for a from-scratch policy
+    # The observation features the policy reads (e.g. observation.state + observation.environment_state
+    # for a fast state-only policy while the images stay in the data for the judge). None: every
+    # observation feature of the data for a from-scratch policy, the parent's inputs otherwise; a
+    # refinement always keeps the parent's inputs (a different set here is refused).
+    policy_inputs: tuple[str, ...] | None = None
+    # Fetch every selected frame once and train from memory (frame access through LeRobotDataset costs
+    # tens of ms, more than a small policy's training step). For small runs: the cached frames hold only
+    # the features the policy reads (no images for a state-only policy), but all of them, in RAM.
+    cache_frames: bool = False
     promote: bool = True
     report: bool = True
     progress_bar: bool = True
@@ -81,6 +91,18 @@ class RefineConfig:
             raise ValueError("RefineConfig: give at least one judged dataset or demonstration dataset")
         if self.lr is not None and self.lr <= 0:
             raise ValueError("RefineConfig.lr must be > 0")
+        if self.policy_inputs is not None:
+            if isinstance(self.policy_inputs, str):
+                raise ValueError(
+                    "RefineConfig.policy_inputs must be a sequence of feature names, not a string"
+                )
+            self.policy_inputs = tuple(str(k) for k in self.policy_inputs)
+            bad = [k for k in self.policy_inputs if not k.startswith(OBSERVATION_PREFIX)]
+            if not self.policy_inputs or bad or len(set(self.policy_inputs)) != len(self.policy_inputs):
+                raise ValueError(
+                    "RefineConfig.policy_inputs must be distinct observation feature names "
+                    f"(observation.state, observation.images.<camera>, ...), got {self.policy_inputs}"
+                )
 
 
 @dataclass
@@ -184,6 +206,7 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
             "refine_version": REFINE_VERSION,
             "parent": parent.ref if parent else None,
             "policy_type": policy_cfg.type,
+            "policy_inputs": list(policy_cfg.input_features),
             "datasets": {k: sorted(v) for k, v in selection.episodes.items()},
             "num_episodes": selection.num_episodes,
             "num_frames": sum(len(d) for d in datasets),
@@ -283,6 +306,12 @@ def import_checkpoint(
 def _load_or_build(cfg: RefineConfig, parent: PolicyVersion | None, selection: Selection):
     if parent is not None and not cfg.from_scratch:
         policy, pre, post, policy_cfg = load_policy(parent, cfg.device)
+        if cfg.policy_inputs is not None and set(cfg.policy_inputs) != set(policy_cfg.input_features):
+            raise ValueError(
+                f"{parent.ref} reads {sorted(policy_cfg.input_features)}; a refinement keeps the inputs of "
+                f"the version it continues, not {sorted(cfg.policy_inputs)} (leave the inputs out, or start "
+                "a new policy from scratch)"
+            )
         return policy, pre, post, policy_cfg
     from lerobot.datasets.compute_stats import aggregate_stats
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
@@ -292,12 +321,25 @@ def _load_or_build(cfg: RefineConfig, parent: PolicyVersion | None, selection: S
 
     metas = [LeRobotDatasetMetadata(f"lrm/{Path(root).name}", root=root) for root in selection.episodes]
     features = dataset_to_policy_features(metas[0].features)
+    inputs = {k: f for k, f in features.items() if k != ACTION}
+    if cfg.policy_inputs is not None:
+        missing = [k for k in cfg.policy_inputs if k not in inputs]
+        if missing:
+            raise ValueError(
+                f"policy inputs {missing} are not features of {next(iter(selection.episodes))} "
+                f"(it has {sorted(inputs)})"
+            )
+        inputs = {k: inputs[k] for k in cfg.policy_inputs}
     overrides = {"device": cfg.device, "push_to_hub": False, **cfg.policy_overrides}
     if cfg.policy_type == "act":
         overrides.setdefault("pretrained_backbone_weights", None)  # the default downloads ImageNet weights
+    if "normalization_mapping" in overrides:
+        overrides["normalization_mapping"] = _normalization_mapping(
+            cfg.policy_type, overrides["normalization_mapping"]
+        )
     policy_cfg = make_policy_config(
         cfg.policy_type,
-        input_features={k: f for k, f in features.items() if k != ACTION},
+        input_features=inputs,
         output_features={k: f for k, f in features.items() if k == ACTION},
         **overrides,
     )
@@ -305,6 +347,31 @@ def _load_or_build(cfg: RefineConfig, parent: PolicyVersion | None, selection: S
     policy = get_policy_class(policy_cfg.type)(policy_cfg)
     pre, post = make_pre_post_processors(policy_cfg, dataset_stats=stats)
     return policy, pre, post, policy_cfg
+
+
+def _normalization_mapping(policy_type: str, changes: dict) -> dict:
+    """The policy type's default normalization per feature kind, with ``changes`` applied.
+
+    ``changes`` maps a feature kind (STATE, ENV, VISUAL, ACTION) to a mode name or NormalizationMode, so a
+    JSON --policy-config can, e.g., normalize observation.environment_state (ACT leaves ENV raw).
+    """
+    from lerobot.configs.types import FeatureType, NormalizationMode
+    from lerobot.policies.factory import make_policy_config
+
+    mapping = dict(make_policy_config(policy_type, device="cpu").normalization_mapping)
+    for kind, mode in dict(changes).items():
+        if str(kind) not in FeatureType.__members__:
+            raise ValueError(
+                f"normalization_mapping: unknown feature kind {kind!r} ({list(FeatureType.__members__)})"
+            )
+        try:
+            mapping[str(kind)] = mode if isinstance(mode, NormalizationMode) else NormalizationMode(str(mode))
+        except ValueError:
+            raise ValueError(
+                f"normalization_mapping[{kind!r}]: unknown mode {mode!r} "
+                f"({[m.value for m in NormalizationMode]})"
+            ) from None
+    return mapping
 
 
 def _open_datasets(selection: Selection, policy_cfg):
@@ -341,6 +408,8 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step) -> list[float]:
 
     torch.manual_seed(cfg.seed)
     data = torch.utils.data.ConcatDataset(datasets)
+    if cfg.cache_frames:
+        data = _cached_frames(data, policy.config, cfg.progress_bar)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=min(cfg.batch_size, len(data)),
@@ -389,6 +458,25 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step) -> list[float]:
     return losses
 
 
+def _cached_frames(data, policy_cfg, progress_bar: bool) -> list[dict]:
+    """Every frame of ``data`` once, without the camera features the policy does not read."""
+    unused = None
+    frames = []
+    items = range(len(data))
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="caching frames", unit="frame")
+    for i in items:
+        item = data[i]
+        if unused is None:
+            unused = {
+                k for k in item if k.startswith("observation.images.") and k not in policy_cfg.input_features
+            }
+        frames.append({k: v for k, v in item.items() if k not in unused})
+    return frames
+
+
 def _judge_thresholds(datasets: list[Path]) -> dict:
     out = {}
     for root in datasets:
@@ -402,6 +490,8 @@ def _training_config(cfg: RefineConfig) -> dict:
     for key in ("store_root",):
         d[key] = str(d[key])
     d["datasets"] = [str(p) for p in cfg.datasets]
+    d["policy_overrides"] = json.loads(json.dumps(cfg.policy_overrides, default=str))  # enums as text
+    d["policy_inputs"] = list(cfg.policy_inputs) if cfg.policy_inputs is not None else None
     d["demos"] = [str(p) for p in cfg.demos]
     return d
 
@@ -443,9 +533,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="JSON object of config fields for --from-scratch, e.g. chunk_size",
     )
     p.add_argument(
+        "--policy-inputs",
+        nargs="+",
+        default=None,
+        help="observation features the policy reads, e.g. observation.state observation.environment_state "
+        "(default: all of the data's for --from-scratch, the current version's otherwise)",
+    )
+    p.add_argument(
         "--import-checkpoint",
         default=None,
         help="add a lerobot pretrained_model folder as a new version, then exit",
+    )
+    p.add_argument(
+        "--cache-frames",
+        action="store_true",
+        help="fetch each selected frame once and train from RAM (small datasets, state-only policies)",
     )
     p.add_argument("--no-promote", action="store_true", help="write the version but keep `current`")
     p.add_argument("--no-report", action="store_true")
@@ -484,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             from_scratch=args.from_scratch,
             policy_type=args.policy_type,
             policy_overrides=json.loads(args.policy_config) if args.policy_config else {},
+            policy_inputs=tuple(args.policy_inputs) if args.policy_inputs else None,
+            cache_frames=args.cache_frames,
             promote=not args.no_promote,
             report=not args.no_report,
             progress_bar=not args.quiet,

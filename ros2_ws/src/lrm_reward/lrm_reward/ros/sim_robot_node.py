@@ -5,7 +5,11 @@ store the latest command or flip flags. Nothing here scores or records: run rewa
 refinement_node beside it, unchanged, exactly as with a real robot.
 
 Topics out: ``camera/image`` (sensor_msgs/Image rgb8, front camera with the goal marker), ``joint_states``
-(sensor_msgs/JointState, five arm joints + gripper), ``~/applied_action`` (sensor_msgs/JointState named
+(sensor_msgs/JointState, five arm joints + gripper), ``environment_state`` (sensor_msgs/JointState
+named ENV_STATE_NAMES, values in ``position`` [m]: the cube from the grasp point and the goal from the
+cube, what a pose estimator would report on a real robot; a JointState rather than a Float64MultiArray
+because it carries the frame's stamp and the names, so a recorder aligns it exactly; the names are also
+in the read-only parameter ``environment_state_names``), ``~/applied_action`` (sensor_msgs/JointState named
 dx, dy, dz, grasp: the action the sim executed, stamped like the frame it produced, for recording),
 ``~/success`` (std_msgs/Bool, latched: the simulator's ground truth at the end of each episode) and
 ``~/episode_result`` (std_msgs/String, latched JSON: episode, seed, success, steps, controller, first and
@@ -20,7 +24,9 @@ answers the JSON of the last finished episode (success false while one runs), fo
 
 Controllers: ``expert`` (the noisy scripted expert, ``expert.action_sigma`` / ``expert.grasp_offset_m``),
 ``policy`` (a LeRobot policy checkpoint: a ``pretrained_model`` folder or a policy store version such as
-``policies/act_pick/current``, reloaded when ``policy_path`` changes), ``external`` (the ``action`` topic).
+``policies/act_pick/current``, reloaded when ``policy_path`` changes; it is fed the recorded feature names
+it reads: ``observation.images.front``, ``observation.state``, ``observation.environment_state``, see
+``lrm_reward.sim.policy_controller``), ``external`` (the ``action`` topic).
 
 Time: with ``rate_hz`` 0 the sim runs as fast as it renders and every message is stamped with simulated
 time (episode start + step x 0.1 s, never behind the wall clock at the start and always increasing),
@@ -51,9 +57,11 @@ from std_srvs.srv import Trigger
 from lrm_reward.ros.image_conversion import rgb_to_image_msg
 from lrm_reward.ros.spinning import spin_until_shutdown
 from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
+from lrm_reward.sim.policy_controller import LeRobotPolicyController
 from lrm_reward.sim.so101_scene import (
     ACTION_NAMES,
     CONTROL_DT_S,
+    ENV_STATE_NAMES,
     JOINT_NAMES,
     TASK,
     SceneConfig,
@@ -76,47 +84,6 @@ def _stamp(seconds: float):
     return Time(sec=sec, nanosec=round((seconds - sec) * 1e9) % 1_000_000_000)
 
 
-class LeRobotPolicyController:
-    """Runs a LeRobot policy checkpoint on the scene's camera frame and joint state.
-
-    The policy sees what the recorder writes: ``observation.images.front`` and ``observation.state``
-    (JOINT_NAMES order), so a policy trained on recorded episodes drives the sim unchanged.
-    """
-
-    def __init__(self, path: Path, device: str = "cpu") -> None:
-        from lerobot.configs.policies import PreTrainedConfig
-        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
-
-        path = Path(path).expanduser().resolve()  # a store's `current` link resolves to its version
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a LeRobot policy checkpoint (no config.json)")
-        cfg = PreTrainedConfig.from_pretrained(path)
-        cfg.device = device
-        self.path = path
-        self.policy = get_policy_class(cfg.type).from_pretrained(path, config=cfg)
-        self.policy.eval()
-        self.pre, self.post = make_pre_post_processors(
-            cfg,
-            pretrained_path=str(path),
-            preprocessor_overrides={"device_processor": {"device": device}},
-        )
-        self.image_keys = [k for k in cfg.input_features if k.startswith("observation.images.")]
-
-    def reset(self, episode_seed: int | None = None) -> None:
-        self.policy.reset()
-
-    def act(self, state: SceneState) -> np.ndarray:
-        import torch
-
-        image = torch.from_numpy(state.image).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
-        obs = {k: image for k in self.image_keys}
-        obs["observation.state"] = torch.from_numpy(state.joint_positions.astype(np.float32)).unsqueeze(0)
-        obs["task"] = [TASK]
-        with torch.inference_mode():
-            action = self.post(self.policy.select_action(self.pre(obs)))
-        return np.asarray(action.reshape(-1).cpu().numpy(), dtype=np.float32)
-
-
 class SimRobotNode(Node):
     def __init__(self) -> None:
         super().__init__("sim_robot_node")
@@ -134,6 +101,14 @@ class SimRobotNode(Node):
         p("policy_device", "cpu", "torch device of the policy")
         p("expert.action_sigma", 0.15, "std of the expert's action noise (action units)")
         p("expert.grasp_offset_m", 0.01, "[m] std of the expert's per-episode error of the cube position")
+        self.declare_parameter(
+            "environment_state_names",
+            list(ENV_STATE_NAMES),
+            ParameterDescriptor(
+                description="names of the values published on environment_state, in order (information)",
+                read_only=True,
+            ),
+        )
         self._check(self.get_parameter("controller").value)
         self.add_on_set_parameters_callback(self._on_parameters)
 
@@ -151,6 +126,7 @@ class SimRobotNode(Node):
             raise self._scene_error  # SimRenderError: main() prints it and exits
         self._image_pub = self.create_publisher(Image, "camera/image", 10)
         self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
+        self._env_pub = self.create_publisher(JointState, "environment_state", 10)
         self._action_pub = self.create_publisher(JointState, "~/applied_action", 10)
         self._success_pub = self.create_publisher(Bool, "~/success", LATCHED)
         self._result_pub = self.create_publisher(String, "~/episode_result", LATCHED)
@@ -371,6 +347,9 @@ class SimRobotNode(Node):
         js.position = [float(v) for v in state.joint_positions]
         js.velocity = [float(v) for v in state.joint_velocities]
         self._joint_pub.publish(js)
+        env = JointState(header=header, name=list(ENV_STATE_NAMES))
+        env.position = [float(v) for v in state.environment_state]
+        self._env_pub.publish(env)
         if action is not None:
             applied = JointState(header=header, name=list(ACTION_NAMES))
             applied.position = [float(v) for v in action]

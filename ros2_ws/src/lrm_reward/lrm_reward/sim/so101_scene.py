@@ -36,6 +36,20 @@ CONTROL_DT_S = 0.1
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 JOINT_NAMES = (*ARM_JOINTS, "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grasp")
+# What a perception system would report (e.g. AprilTags seen by a wrist camera): where the cube is from
+# the grasp point and where the goal is from the cube [m]. A policy may read it as
+# observation.environment_state; the camera still shows everything. Relative rather than absolute
+# positions because a small policy learns them from a dozen demonstrations: measured on this scene, an
+# ACT trained on 30 clean demonstrations succeeded in 0-3 of 20 layouts with absolute cube/goal (and
+# grasp point) positions, in 8 of 20 with these.
+ENV_STATE_NAMES = (
+    "cube_from_gripper_x",
+    "cube_from_gripper_y",
+    "cube_from_gripper_z",
+    "goal_from_cube_x",
+    "goal_from_cube_y",
+    "goal_from_cube_z",
+)
 
 
 def _default_gl_at_import() -> None:
@@ -91,6 +105,13 @@ class SceneState:
     success: bool = False  # simulator ground truth
     done: bool = False  # success, cube out of the workspace, or max_steps reached
     info: dict = field(default_factory=dict)
+
+    @property
+    def environment_state(self) -> np.ndarray:
+        """(6,) ENV_STATE_NAMES: cube minus grasp point, goal minus cube [m]."""
+        return np.concatenate(
+            [self.block_position - self.grasp_point, self.goal_position - self.block_position]
+        )
 
 
 def select_gl_backend(requested: str | None = None) -> str:
