@@ -65,6 +65,7 @@ POLICY_NAME = "act_so101"
 ROUND_SEED = 1000  # both rollout rounds see the same layouts: seeds 1000, 1001, ...
 DEMO_SEED = 0
 TINY_CACHE = REPO / ".cache" / "tiny_lrm"
+REWARD_RECIPE = REPO / "config" / "demo_reward_train.yaml"
 NODE_START_TIMEOUT_S = 120.0
 EPISODE_TIMEOUT_S = 120.0
 # The policy reads the joints and the cube/goal positions (what a pose estimator or AprilTag gives a real
@@ -85,6 +86,7 @@ class DemoSettings:
     expert_action_sigma: float
     expert_grasp_offset_m: float
     reward_steps: int
+    judge_threshold: float
     policy_steps: int
     refine_steps: int
     batch_size: int
@@ -104,7 +106,8 @@ class DemoSettings:
             image_size=96,
             expert_action_sigma=args.action_sigma,
             expert_grasp_offset_m=args.grasp_offset,
-            reward_steps=args.reward_steps or (8 if quick else 60),
+            reward_steps=args.reward_steps or (8 if quick else 200),
+            judge_threshold=args.judge_threshold,
             policy_steps=args.policy_steps or (10 if quick else 2000),
             refine_steps=args.refine_steps or (10 if quick else 800),
             batch_size=8 if quick else 32,
@@ -273,23 +276,19 @@ def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:
     datasets = [str(demos_root / "demos")]
     if (demos_root / "demos_failed" / "meta" / "info.json").is_file():
         datasets.append(str(demos_root / "demos_failed"))
+    import yaml
+
+    # The recipe (why: docs/adaptation.md, "Small bases"); the demo adds the paths and its step budget.
+    recipe = yaml.safe_load(REWARD_RECIPE.read_text())
+    recipe.update(base_model=str(base), datasets=datasets, output_dir=str(adapters))
+    recipe["max_steps"] = s.reward_steps
+    recipe["vision_warmup_steps"] = min(int(recipe.get("vision_warmup_steps", 0)), s.reward_steps)
+    contrastive = recipe.setdefault("per_modality", {}).setdefault("contrastive", {})
+    contrastive["max_steps"] = min(int(contrastive.get("max_steps", s.reward_steps)), s.reward_steps)
     config = out / "models" / "reward_train.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"base_model: {base}",
-        f"datasets: {json.dumps(datasets)}",
-        f"output_dir: {adapters}",
-        "samples: {eval_fraction: 0.0, seed: 0, min_frames: 8}",
-        f"max_steps: {s.reward_steps}",
-        "batch_size: 8",
-        "learning_rate: 0.005",
-        "lora_dropout: 0.0",
-        f"per_modality: {{contrastive: {{max_steps: {max(1, s.reward_steps // 2)}, learning_rate: 0.01}}}}",
-        "device: cpu",
-        "seed: 0",
-    ]
-    config.write_text("\n".join(lines) + "\n")
-    code = train.main(["--config", str(config), "--modalities", "progress", "completion", "contrastive"])
+    config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    code = train.main(["--config", str(config)])  # modality order from the recipe: completion first
     if code != 0:
         raise DemoError(f"training the reward model failed (lrm-train-reward exit {code}); see the log above")
     return {"base": str(base), "adapters": str(adapters), "trained": True}
@@ -673,7 +672,7 @@ def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     adapters = Path(reward_model["adapters"])
     spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
     argv = [roll["dataset"], "--model", reward_model["base"], "--adapters", spec, "--device", s.device]
-    argv += ["--every-k", "5", "--force"]
+    argv += ["--every-k", "5", "--success-threshold", str(s.judge_threshold), "--force"]
     code = J.main(argv)
     if code != 0:
         raise DemoError(f"lrm-judge failed (exit {code})")
@@ -869,6 +868,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--grasp-offset", type=float, default=0.01, help="[m] expert grasp offset std")
     p.add_argument(
         "--reward-steps", type=int, default=None, help="reward adapter training steps per modality"
+    )
+    p.add_argument(
+        "--judge-threshold",
+        type=float,
+        default=0.25,
+        # The tiny model's P(yes) on held-out successful final frames was 0.30-0.66, on failed ones <= 0.17
+        # (docs/adaptation.md); 0.5 would call most successes failures.
+        help="mean completion probability of the last frames for lrm-judge to call an episode a success",
     )
     p.add_argument("--policy-steps", type=int, default=None, help="ACT training steps on the demonstrations")
     p.add_argument("--refine-steps", type=int, default=None, help="ACT refinement steps")

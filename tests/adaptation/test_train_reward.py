@@ -310,3 +310,59 @@ def test_demo_recipe_file_is_a_valid_config_once_paths_are_added(tiny_lrm, small
     raw.update(base_model=str(tiny_lrm.base), datasets=[str(small_dataset)], output_dir=str(tmp_path))
     cfg = T._build(T.TrainConfig, raw, "recipe")
     assert cfg.modalities[0] is Modality.COMPLETION and cfg.init_from["progress"] == "completion"
+
+
+def test_modules_learning_rate_moves_the_saved_modules_but_not_lora(tiny_lrm, small_dataset, tmp_path):
+    out = tmp_path / "rates"
+    cfg = quick_config(
+        tiny_lrm.base,
+        small_dataset,
+        out,
+        max_steps=2,
+        learning_rate=1e-12,
+        modules_learning_rate=1e-2,
+        modules_to_save=["visual"],
+        cpu_threads=1,
+    )
+    T.train(cfg, show_progress=False)
+    adapter = load_file(str(out / "completion" / "adapter_model.safetensors"))
+    base = load_file(str(tiny_lrm.base / "model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) < 1e-8 for v in lora_b)
+    key = next(k for k in adapter if k.endswith("visual.patch_embed.proj.weight"))
+    base_key = next(k for k in base if k.endswith("visual.patch_embed.proj.weight"))
+    assert not torch.allclose(adapter[key], base[base_key], atol=1e-4)
+
+
+def test_vision_warmup_trains_the_vision_tower_before_the_adapter(tiny_lrm, small_dataset, tmp_path):
+    def tower_after(warmup: int) -> torch.Tensor:
+        out = tmp_path / f"warm{warmup}"
+        cfg = quick_config(
+            tiny_lrm.base,
+            small_dataset,
+            out,
+            max_steps=1,
+            learning_rate=1e-12,
+            modules_learning_rate=1e-2,
+            modules_to_save=["visual"],
+            vision_warmup_steps=warmup,
+            cpu_threads=1,
+        )
+        T.train(cfg, show_progress=False)
+        weights = load_file(str(out / "completion" / "adapter_model.safetensors"))
+        assert not any("head" in k and "visual" not in k for k in weights)  # the probe head is not saved
+        return next(v for k, v in weights.items() if k.endswith("visual.merger.linear_fc2.weight"))
+
+    # same seed, same adapter step: only the warm-up can make the saved towers differ
+    assert not torch.allclose(tower_after(0), tower_after(3), atol=1e-4)
+
+
+def test_vision_warmup_needs_a_trainable_vision_tower(tiny_lrm, small_dataset, tmp_path):
+    with pytest.raises(ValueError, match="vision_warmup_steps"):
+        quick_config(tiny_lrm.base, small_dataset, tmp_path, vision_warmup_steps=5)
+    with pytest.raises(ValueError, match="vision_warmup_steps"):
+        quick_config(
+            tiny_lrm.base, small_dataset, tmp_path, vision_warmup_steps=-1, modules_to_save=["visual"]
+        )
+    with pytest.raises(ValueError, match="modules_learning_rate"):
+        quick_config(tiny_lrm.base, small_dataset, tmp_path, modules_learning_rate=0.0)

@@ -62,6 +62,8 @@ PER_MODALITY_KEYS = (
     "weight_decay",
     "progress_modules_to_save",
     "modules_to_save",
+    "modules_learning_rate",
+    "vision_warmup_steps",
 )
 SPLIT_FILE = "split.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -109,6 +111,13 @@ class TrainConfig:
     # fully trained (and saved) modules of the contrastive and completion adapters; the released ones have
     # none, but a small base may need its vision tower trained to see the task ("visual")
     modules_to_save: tuple[str, ...] = ()
+    # learning rate of the fully trained modules (modules_to_save); None = learning_rate. A small base
+    # whose vision tower / lm_head are trained learns to see the task faster when they move faster than LoRA.
+    modules_learning_rate: float | None = None
+    # completion only, with "visual" in modules_to_save: steps that first train the vision tower alone
+    # (a linear yes/no probe on its mean image token) before the adapter trains. A small base whose
+    # language model does not yet look at the task's details then finds them in the image tokens at once.
+    vision_warmup_steps: int = 0
     gradient_checkpointing: bool = False
     save_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
@@ -138,6 +147,14 @@ class TrainConfig:
             self.samples = _build(S.SampleConfig, self.samples, "samples")
         if not self.learning_rate > 0:
             raise ValueError("learning_rate must be > 0")
+        if self.modules_learning_rate is not None and not self.modules_learning_rate > 0:
+            raise ValueError("modules_learning_rate must be > 0 (or left out)")
+        if int(self.vision_warmup_steps) < 0:
+            raise ValueError(f"vision_warmup_steps must be >= 0, got {self.vision_warmup_steps}")
+        if self.vision_warmup_steps and "visual" not in (self.modules_to_save or ()):
+            raise ValueError(
+                "vision_warmup_steps needs 'visual' in modules_to_save (else the tower is frozen)"
+            )
         if self.max_steps is None and not self.epochs > 0:
             raise ValueError("epochs must be > 0 (or set max_steps)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -496,7 +513,12 @@ def _run_fingerprint(cfg: TrainConfig, modality: Modality, samples: list[S.Sampl
     ):
         relevant.pop(volatile, None)
     # settings added later, at their defaults, leave the fingerprints of earlier runs unchanged
-    for added, default in (("modules_to_save", []), ("init_from", {})):
+    for added, default in (
+        ("modules_to_save", []),
+        ("init_from", {}),
+        ("modules_learning_rate", None),
+        ("vision_warmup_steps", 0),
+    ):
         if relevant.get(added) == default:
             relevant.pop(added)
     if relevant["samples"].get("progress_per_label") == 1:
@@ -575,6 +597,8 @@ def _train_modality(
     source = cfg.init_from.get(modality.value)
     if source:
         _init_from_adapter(model, cfg.output_dir / source, modality)
+    if modality is Modality.COMPLETION and cfg.vision_warmup_steps:
+        _warm_up_vision(model, cfg, samples, episode_set, processor)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -584,7 +608,9 @@ def _train_modality(
         raise OutOfMemoryTrainingError(_oom_message(cfg, "loading the model")) from exc
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -698,6 +724,59 @@ def _train_modality(
     return ModalityResult(
         modality, final_dir, total_steps, len(samples), loss_value, resumed_from_step=start_step
     )
+
+
+def _warm_up_vision(model, cfg: TrainConfig, samples: list[S.Sample], episode_set, processor) -> None:
+    """Train the (trainable copy of the) vision tower alone to tell "yes" frames from "no" frames.
+
+    A linear head reads the mean of each frame's merged image tokens (roughly what the language model's
+    attention sees at first) and is thrown away afterwards; only the vision tower keeps what it learned.
+    Runs on the CPU before the model moves to its device: the vision tower of a small base is cheap.
+    """
+    import torch
+
+    visual = model.get_base_model().model.visual
+    params = [p for p in visual.parameters() if p.requires_grad]
+    merge = visual.spatial_merge_size
+    head = torch.nn.Linear(model.get_base_model().config.text_config.hidden_size, 1)
+    optimizer = torch.optim.AdamW(
+        [*params, *head.parameters()], lr=cfg.modules_learning_rate or cfg.learning_rate, weight_decay=0.0
+    )
+    order = SampleOrder(len(samples), cfg.seed + 1, Modality.COMPLETION)
+    episodes = episode_set.by_key()
+    visual.train()
+    for step in range(cfg.vision_warmup_steps):
+        batch = [samples[i] for i in order.indices(step * cfg.batch_size, cfg.batch_size)]
+        frames = [episode_set.store.frame(episodes[s.episode], s.frames[-1]) for s in batch]
+        pixels = processor.image_processor(images=frames, return_tensors="pt")
+        grid = pixels["image_grid_thw"]
+        out = visual(pixels["pixel_values"], grid_thw=grid)
+        tokens = out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+        counts = (grid.prod(-1) // (merge * merge)).tolist()
+        pooled = torch.stack([t.mean(0) for t in tokens.split(counts)])
+        target = torch.tensor([float(s.label == "yes") for s in batch])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled).squeeze(-1), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+    log.info(
+        "completion: vision warm-up, %d steps, last probe loss %.4f",
+        cfg.vision_warmup_steps,
+        float(loss.detach()),
+    )
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """LoRA weights at learning_rate; fully trained modules (PEFT's modules_to_save copies) at theirs."""
+    lora, full = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (full if ".modules_to_save." in name else lora).append(param)
+    groups = [{"params": lora, "lr": cfg.learning_rate}]
+    if full:
+        groups.append({"params": full, "lr": cfg.modules_learning_rate or cfg.learning_rate})
+    return [g for g in groups if g["params"]]
 
 
 def _init_from_adapter(model, folder: Path, modality: Modality) -> None:
