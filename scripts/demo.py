@@ -50,7 +50,12 @@ for _var, _val in (
 ):
     os.environ.setdefault(_var, _val)
 
+import warnings  # noqa: E402
+
 from tqdm import tqdm  # noqa: E402
+
+# lerobot's dataset writer asks `datasets` for progress bars we switched off above: one warning per episode.
+warnings.filterwarnings("ignore", message="Cannot enable progress bars")
 
 from lrm_reward.sim.so101_scene import (  # noqa: E402
     ACTION_NAMES,
