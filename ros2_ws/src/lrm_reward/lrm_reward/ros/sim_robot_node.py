@@ -10,7 +10,8 @@ named ENV_STATE_NAMES, values in ``position`` [m]: the cube from the grasp point
 cube, what a pose estimator would report on a real robot; a JointState rather than a Float64MultiArray
 because it carries the frame's stamp and the names, so a recorder aligns it exactly; the names are also
 in the read-only parameter ``environment_state_names``), ``~/applied_action`` (sensor_msgs/JointState named
-dx, dy, dz, grasp: the action the sim executed, stamped like the frame it produced, for recording),
+dx, dy, dz, grasp: the action the sim executed, stamped like the frame it was chosen from, so a recorder
+pairs observation k with action k),
 ``~/success`` (std_msgs/Bool, latched: the simulator's ground truth at the end of each episode) and
 ``~/episode_result`` (std_msgs/String, latched JSON: episode, seed, success, steps, controller, first and
 last frame stamps). Topic in: ``action`` (std_msgs/Float64MultiArray ``[dx, dy, dz, grasp]``), used when
@@ -310,7 +311,7 @@ class SimRobotNode(Node):
         self._external_event.clear()
         t0 = self._next_episode_start()
         first_stamp = t0
-        self._publish_state(state, t0, None)
+        self._publish_state(state, t0)
         wall0 = time.monotonic()
         note = ""
         while not state.done:
@@ -326,9 +327,11 @@ class SimRobotNode(Node):
                     action = self._external_action
             else:
                 action = controller.act(state)
+            # Stamped with the frame it was chosen from: a recorder then pairs observation k with action k
+            # (LeRobot's convention). Stamping it with the resulting frame taught refined policies a lag.
+            self._publish_action(action, t0 + state.step_index * CONTROL_DT_S)
             state = self.scene.step(action)
-            stamp = t0 + state.step_index * CONTROL_DT_S
-            self._publish_state(state, stamp, action)
+            self._publish_state(state, t0 + state.step_index * CONTROL_DT_S)
             if self.rate_hz > 0:
                 delay = wall0 + state.step_index / self.rate_hz - time.monotonic()
                 if delay > 0:
@@ -338,7 +341,7 @@ class SimRobotNode(Node):
         success = bool(state.success) and not note
         self._publish_result(self._episode, seed, success, state.step_index, kind, first_stamp, last, note)
 
-    def _publish_state(self, state: SceneState, stamp_s: float, action: np.ndarray | None) -> None:
+    def _publish_state(self, state: SceneState, stamp_s: float) -> None:
         from std_msgs.msg import Header
 
         header = Header(stamp=_stamp(stamp_s), frame_id=self.frame_id)
@@ -350,10 +353,15 @@ class SimRobotNode(Node):
         env = JointState(header=header, name=list(ENV_STATE_NAMES))
         env.position = [float(v) for v in state.environment_state]
         self._env_pub.publish(env)
-        if action is not None:
-            applied = JointState(header=header, name=list(ACTION_NAMES))
-            applied.position = [float(v) for v in action]
-            self._action_pub.publish(applied)
+
+    def _publish_action(self, action: np.ndarray, stamp_s: float) -> None:
+        from std_msgs.msg import Header
+
+        applied = JointState(
+            header=Header(stamp=_stamp(stamp_s), frame_id=self.frame_id), name=list(ACTION_NAMES)
+        )
+        applied.position = [float(v) for v in action]
+        self._action_pub.publish(applied)
 
     def _publish_result(self, episode, seed, success, steps, controller, first, last, note) -> None:
         self._success_pub.publish(Bool(data=bool(success)))
