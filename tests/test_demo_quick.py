@@ -77,6 +77,44 @@ def test_rollouts_were_recorded_through_the_nodes_with_live_rewards(quick_demo):
         assert all("simulator ground truth" in json.loads(p.read_text())["notes"] for p in sidecars)
 
 
+def test_recorded_rollouts_pair_each_observation_with_the_action_chosen_from_it(quick_demo):
+    """Replaying the recorded observations through the policy gives the recorded actions, frame by frame.
+
+    Guards the stamping contract between sim_robot_node and the recorder: an action stamped with the frame
+    it produced (one step late) would train refined policies on a lag.
+    """
+    _, state, _ = quick_demo
+    import pandas as pd
+    import torch
+
+    from lrm_reward.sim.policy_controller import LeRobotPolicyController
+    from lrm_reward.sim.so101_scene import TASK
+
+    roll = state["done"]["rollout1"]
+    controller = LeRobotPolicyController(Path(state["done"]["policy"]["path"]))
+    files = sorted(Path(roll["dataset"], "data").rglob("*.parquet"))
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    episode = df[df["episode_index"] == roll["episodes"][0]["episode_index"]].sort_values("frame_index")
+    assert len(episode) > 12  # past the first action chunk (10 steps): a second inference is checked too
+    controller.reset()
+    for _, row in episode.head(25).iterrows():
+        obs = {
+            "task": [TASK],
+            **{
+                key: torch.as_tensor(np.asarray(row[key], dtype=np.float32)).unsqueeze(0)
+                for key in controller.input_features
+            },
+        }
+        with torch.inference_mode():
+            action = controller.post(controller.policy.select_action(controller.pre(obs)))
+        np.testing.assert_allclose(
+            action.reshape(-1).numpy(),
+            np.asarray(row["action"]),
+            atol=1e-3,
+            err_msg=f"frame {row['frame_index']}",
+        )
+
+
 def test_confusion_matrix_matches_ground_truth_and_judgments(quick_demo):
     _, state, _ = quick_demo
     for stage in ("judge1", "judge2"):
