@@ -101,7 +101,7 @@ def test_recorded_rollouts_pair_each_observation_with_the_action_chosen_from_it(
         obs = {
             "task": [TASK],
             **{
-                key: torch.as_tensor(np.asarray(row[key], dtype=np.float32)).unsqueeze(0)
+                key: torch.from_numpy(np.array(row[key], dtype=np.float32)).unsqueeze(0)
                 for key in controller.input_features
             },
         }
