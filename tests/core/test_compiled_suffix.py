@@ -27,12 +27,7 @@ LONG_TASK = "open the top drawer of the cabinet slowly"  # a longer prefix, in t
 frame = tiny_model.synthetic_frame
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _engine(tiny, **kwargs):

@@ -20,12 +20,7 @@ TASKS = ("open the top drawer", "stack the green block on the red block and then
 frame = tiny_model.synthetic_frame
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _adapters(tiny):

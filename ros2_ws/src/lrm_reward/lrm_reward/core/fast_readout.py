@@ -305,18 +305,7 @@ class FastLogitsReadout:
         queries_len = width + n_nodes
 
         # positions: each row's suffix continues its prefix; node i sits depth(i) after the answer prefix
-        positions = torch.zeros((3, batch, queries_len), dtype=torch.long)
-        lengths = suffix_mask.sum(dim=1).tolist()
-        ids_host = ids.cpu().numpy()
-        depth = torch.tensor(trie.node_depth, dtype=torch.long)
-        for row, entry in enumerate(entries):
-            real = ids_host[row, width - lengths[row] :]
-            start = entry.next_position if entry is not None else 0
-            row_positions, following = mrope_positions(
-                real, self.image_token_id, grids[row], self.merge, start
-            )
-            positions[:, row, width - lengths[row] : width] = torch.from_numpy(row_positions)
-            positions[:, row, width:] = following + depth
+        positions = self._positions(ids, suffix_mask, entries, grids, trie, batch, width, queries_len)
         mask = self._mask(prefix_lengths, past_width, suffix_mask, trie, device)
 
         past = None
@@ -341,6 +330,26 @@ class FastLogitsReadout:
             )
         logits = out.logits  # (B, 1 + N, V): after the answer prefix, then after each node
         return logits[:, 0, :], (logits[:, 1:, :] if n_nodes else None)
+
+    def _positions(self, ids, suffix_mask, entries, grids, trie, batch: int, end: int, total: int):
+        """M-RoPE positions (3, batch, total): each row's real suffix ends at column ``end`` and continues
+        its cached prefix; answer-trie node i follows at ``end + i``, depth(i) after the answer prefix."""
+        import torch
+
+        width = ids.shape[1]
+        positions = torch.zeros((3, batch, total), dtype=torch.long)
+        lengths = suffix_mask.sum(dim=1).tolist()
+        ids_host = ids.cpu().numpy()
+        depth = torch.tensor(trie.node_depth, dtype=torch.long)
+        for row, entry in enumerate(entries):
+            real = ids_host[row, width - lengths[row] :]
+            start = entry.next_position if entry is not None else 0
+            row_positions, following = mrope_positions(
+                real, self.image_token_id, grids[row], self.merge, start
+            )
+            positions[:, row, end - lengths[row] : end] = torch.from_numpy(row_positions)
+            positions[:, row, end:] = following + depth
+        return positions
 
     def _mask(self, prefix_lengths: list[int], past_width: int, suffix_mask, trie, device):
         """Additive 4-D mask (B, 1, S + N, P + S + N) over [padded prefixes | padded suffixes | nodes]."""
@@ -409,18 +418,7 @@ class FastLogitsReadout:
         real_suffix = torch.zeros((batch, padded_width), dtype=suffix_mask.dtype, device=device)
         real_suffix[:rows, padded_width - width :] = suffix_mask
 
-        positions = torch.zeros((3, batch, total), dtype=torch.long)
-        lengths = suffix_mask.sum(dim=1).tolist()
-        ids_host = ids.cpu().numpy()
-        depth = torch.tensor(trie.node_depth, dtype=torch.long)
-        for row, entry in enumerate(entries):
-            real = ids_host[row, width - lengths[row] :]
-            start = entry.next_position if entry is not None else 0
-            row_positions, following = mrope_positions(
-                real, self.image_token_id, grids[row], self.merge, start
-            )
-            positions[:, row, padded_width - lengths[row] : padded_width] = torch.from_numpy(row_positions)
-            positions[:, row, padded_width:] = following + depth
+        positions = self._positions(ids, suffix_mask, entries, grids, trie, batch, padded_width, total)
         mask = self._mask(prefix_lengths, past_width, real_suffix, trie, device)
 
         embeds, deepstack = self._embeddings(all_ids, inputs)
