@@ -13,6 +13,7 @@ frames the duration allows, how long ``stop_episode`` took and when the episode 
     python benchmarks/bench_recorder_node.py --cameras 1 --width 64 --height 48 --camera-hz 20 --fps 10
     python benchmarks/bench_recorder_node.py --busy 2      # plus two busy-loop processes (a loaded box)
     python benchmarks/bench_recorder_node.py --stall 1.5   # SIGSTOP the node 1.5 s mid-episode (starved)
+    python benchmarks/bench_recorder_node.py --publisher-stall 1.5   # the publisher pauses, then bursts
     python benchmarks/bench_recorder_node.py --source /tmp/old/ros2_ws/src/lrm_reward   # another version
 
 Runs itself inside ``unshare -n`` (only loopback) when not already in such a namespace. Uses the 32 MB
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ros_loopback import enter_loopback_namespace
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN_ID = "64"
-REEXEC_MARK = "LRM_BENCH_IN_LOOPBACK_NAMESPACE"
 PROFILE = REPO / "config" / "fastdds_large_shm.xml"
 STREAMS = ("state", "action", "reward")
 JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
@@ -57,9 +57,10 @@ def run_publisher(args) -> int:
     node = rclpy.create_node("bench_recorder_publisher")
     cams = [f"cam{i}" for i in range(args.cameras)]
     pubs = {f"camera:{c}": node.create_publisher(Image, f"image_{c}", qos_profile_sensor_data) for c in cams}
-    pubs["state"] = node.create_publisher(JointState, "joint_states", 50)
-    pubs["action"] = node.create_publisher(JointState, "action", 50)
-    pubs["reward"] = node.create_publisher(RewardSignal, "reward", 50)
+    depth = args.publisher_depth
+    pubs["state"] = node.create_publisher(JointState, "joint_states", depth)
+    pubs["action"] = node.create_publisher(JointState, "action", depth)
+    pubs["reward"] = node.create_publisher(RewardSignal, "reward", depth)
     # A few distinct frames (gradient + moving square + noise: something a codec has to work on).
     h, w = args.height, args.width
     rng = np.random.default_rng(0)
@@ -80,7 +81,7 @@ def run_publisher(args) -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        duration = float(line.split()[0])
+        duration, pause, pause_at = (float(v) for v in line.split())
         events = [
             (t, key)
             for key in pubs
@@ -95,6 +96,9 @@ def run_publisher(args) -> int:
         late = 0.0
         wall0 = time.monotonic()
         for rel, key in events:
+            if pause > 0 and rel >= duration * pause_at:  # a hiccup: then the backlog goes out in a burst
+                time.sleep(pause)
+                pause = 0.0
             late = max(late, time.monotonic() - (wall0 + rel))
             time.sleep(max(0.0, wall0 + rel - time.monotonic()))
             now_ns = time.time_ns()
@@ -153,7 +157,16 @@ def measure(args, workdir: Path) -> list[dict]:
     )
     pub_args = [
         f"--{k}={getattr(args, k.replace('-', '_'))}"
-        for k in ("cameras", "width", "height", "camera-hz", "state-hz", "action-hz", "reward-hz")
+        for k in (
+            "cameras",
+            "width",
+            "height",
+            "camera-hz",
+            "state-hz",
+            "action-hz",
+            "reward-hz",
+            "publisher-depth",
+        )
     ]
     publisher = subprocess.Popen(
         [*me, "--role", "publisher", *pub_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -191,7 +204,7 @@ def measure(args, workdir: Path) -> list[dict]:
             index = res.episode_index
             time.sleep(0.3)
             cpu0 = _cpu_seconds(node_proc.pid)
-            publisher.stdin.write(f"{args.duration}\n")
+            publisher.stdin.write(f"{args.duration} {args.publisher_stall} {args.stall_at}\n")
             publisher.stdin.flush()
             if args.stall > 0:  # the node descheduled for a while, as on an overloaded machine
                 time.sleep(args.duration * args.stall_at)
@@ -273,22 +286,30 @@ def print_table(rows: list[dict], args) -> None:
         f"state {args.state_hz:g} Hz, action {args.action_hz:g} Hz, reward {args.reward_hz:g} Hz, "
         f"{args.duration:g} s episodes back to back, dataset {args.fps} fps, codec {args.codec}, "
         f"{os.cpu_count()} CPUs, {args.busy} busy-loop process(es) at nice {args.busy_nice}; "
-        f"node stalled {args.stall:g} s at {args.stall_at:g} of each episode; "
+        f"node stalled {args.stall:g} s and publisher paused {args.publisher_stall:g} s at "
+        f"{args.stall_at:g} of each episode; publisher queue depth {args.publisher_depth}; "
         f"source {args.source}; extra params: {args.param or '-'}"
     )
-    print("stream: published / accepted by the node (sidecar 'received'); frames: recorded / expected\n")
+    print(
+        "stream: published / accepted by the node (sidecar 'received') / lost (the node saw gaps in the "
+        "publisher's sequence numbers); frames: recorded / expected\n"
+    )
     streams = sorted(k for k in rows[0]["sent"] if k.startswith("camera:")) + list(STREAMS)
-    header = f"{'ep':>3} " + " ".join(f"{s:>16}" for s in streams)
+    header = f"{'ep':>3} " + " ".join(f"{s:>20}" for s in streams)
     header += f" {'frames':>9} {'stop s':>7} {'on disk s':>9} {'pub late s':>10} {'node cpu':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         got = (r["sidecar"] or {}).get("received", {})
-        cells = [f"{r['sent'].get(s, 0):>7} / {got.get(s, '-')!s:>6}" for s in streams]
+        transport = (r["sidecar"] or {}).get("transport", {})
+        cells = [
+            f"{r['sent'].get(s, 0):>6} /{got.get(s, '-')!s:>5} /{transport.get(s, {}).get('lost', '-')!s:>4}"
+            for s in streams
+        ]
         expected = int(args.duration * args.fps)
         print(
             f"{r['episode']:>3} "
-            + " ".join(f"{c:>16}" for c in cells)
+            + " ".join(f"{c:>20}" for c in cells)
             + f" {r['frames']:>4}/{expected:<4} {r['stop_s']:>7.2f} {r['saved_after_stop_s']:>9.1f}"
             + f" {r['late']:>10.3f} {r['record_cpu'] / args.duration:>7.0%}"
         )
@@ -301,10 +322,6 @@ def print_table(rows: list[dict], args) -> None:
         "node);\n"
         "node cpu: CPU time of the node process while the episode was published / its duration"
     )
-
-
-def in_loopback_namespace() -> bool:
-    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]
 
 
 def main() -> int:
@@ -323,7 +340,11 @@ def main() -> int:
     parser.add_argument("--codec", default="libsvtav1")
     parser.add_argument("--busy", type=int, default=0, help="busy-loop processes (load)")
     parser.add_argument("--stall", type=float, default=0.0, help="[s] SIGSTOP the node this long per episode")
+    parser.add_argument(
+        "--publisher-stall", type=float, default=0.0, help="[s] publisher pauses, then bursts"
+    )
     parser.add_argument("--stall-at", type=float, default=0.5, help="... at this fraction of the episode")
+    parser.add_argument("--publisher-depth", type=int, default=50, help="queue depth of the publishers")
     parser.add_argument("--busy-nice", type=int, default=0, help="niceness of the busy loops")
     parser.add_argument(
         "--source", default=str(REPO / "ros2_ws" / "src" / "lrm_reward"), help="lrm_reward source tree to run"
@@ -334,21 +355,9 @@ def main() -> int:
 
     if args.role == "publisher":
         return run_publisher(args)
-    if not in_loopback_namespace():
-        if os.environ.get(REEXEC_MARK):
-            print(
-                "could not get a network namespace with only loopback; refusing to run DDS", file=sys.stderr
-            )
-            return 1
-        os.environ[REEXEC_MARK] = "1"
-        unshare = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-        inner = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} " + " ".join(
-            f"'{a}'" for a in sys.argv[1:]
-        )
-        return subprocess.call([*unshare, "bash", "-c", inner])
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("ROS_DOMAIN_ID", DOMAIN_ID)
-    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    code = enter_loopback_namespace(Path(__file__), DOMAIN_ID)
+    if code is not None:
+        return code
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(PROFILE))
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")

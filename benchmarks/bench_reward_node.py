@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ros_loopback import enter_loopback_namespace
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, FPS = 640, 480, 30
 INTERVAL_FRAMES = 10
 DOMAIN_ID = "63"
-REEXEC_MARK = "LRM_BENCH_IN_LOOPBACK_NAMESPACE"
 
 # Fast DDS's default shared-memory segment (512 KiB) is smaller than one 640x480 rgb8 frame (900 KiB), so
 # by default such frames go over UDP loopback in fragments, which best-effort QoS loses under load. A larger
@@ -269,11 +268,6 @@ def print_table(rows: list[dict], model_ms: float, seconds: float) -> None:
     )
 
 
-def in_loopback_namespace() -> bool:
-    # if_nameindex asks about this process's network namespace (/sys/class/net may show the host's).
-    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=("measure", "node", "cameras"), default="measure")
@@ -295,22 +289,9 @@ def main() -> int:
     if args.role == "cameras":
         return run_cameras(args.topics, args.seconds)
 
-    if not in_loopback_namespace():
-        if os.environ.get(REEXEC_MARK):
-            print(
-                "could not get a network namespace with only loopback; refusing to run DDS", file=sys.stderr
-            )
-            return 1
-        # DDS must not leave this machine: rerun inside a network namespace that only has loopback.
-        os.environ[REEXEC_MARK] = "1"
-        unshare = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-        inner = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} " + " ".join(
-            f"'{a}'" for a in sys.argv[1:]
-        )
-        return subprocess.call([*unshare, "bash", "-c", inner])
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("ROS_DOMAIN_ID", DOMAIN_ID)
-    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    code = enter_loopback_namespace(Path(__file__), DOMAIN_ID)
+    if code is not None:
+        return code
     with tempfile.TemporaryDirectory(prefix="bench_reward_node_") as tmp:
         os.environ.setdefault("ROS_LOG_DIR", tmp)
         rows = [

@@ -503,9 +503,16 @@ class EpisodeRecorder:
 
     # ----------------------------------------------------------------- end of episode
     def stop(
-        self, outcome: EpisodeOutcome | str = EpisodeOutcome.UNKNOWN, notes: str = "", wait: bool = True
+        self,
+        outcome: EpisodeOutcome | str = EpisodeOutcome.UNKNOWN,
+        notes: str = "",
+        wait: bool = True,
+        transport: dict | None = None,
     ) -> StopResult:
         """End the episode: resample it and save it (encoding: seconds), or discard it.
+
+        `transport`: what the caller knows about delivery (per stream: messages received, lost, lag), kept
+        as is in the sidecar's "transport".
 
         With the process saver and wait=False, returns as soon as the episode is sealed on disk
         (SaveStatus.SAVING, num_frames final); the save's result arrives in `last_save` / `on_saved`.
@@ -519,7 +526,7 @@ class EpisodeRecorder:
             self._saving = True
         handed_over = False
         try:
-            job_or_result = self._seal(ep, outcome, notes)
+            job_or_result = self._seal(ep, outcome, notes, transport)
             if isinstance(job_or_result, StopResult):
                 self._count(job_or_result)
                 return job_or_result
@@ -598,7 +605,9 @@ class EpisodeRecorder:
             sidecar=Path(result["sidecar"]) if result.get("sidecar") else None,
         )
 
-    def _seal(self, ep: _Episode, outcome: EpisodeOutcome, notes: str) -> SaveJob | StopResult:
+    def _seal(
+        self, ep: _Episode, outcome: EpisodeOutcome, notes: str, transport: dict | None = None
+    ) -> SaveJob | StopResult:
         """Resample the episode into a SaveJob, or say why there is nothing to save."""
         root = self.cfg.data_root / ep.dataset_name
         base = {"episode_index": ep.episode_index, "dataset": root}
@@ -650,7 +659,7 @@ class EpisodeRecorder:
             dataset_root=root,
             fps=self.cfg.fps,
             features=self._features({cam: images[cam].shape[1:] for cam in images}),
-            sidecar=self._sidecar(ep, outcome, notes, plan, required),
+            sidecar=self._sidecar(ep, outcome, notes, plan, required, transport),
             task=ep.task,
             cameras={cam: [int(v) for v in images[cam].shape[1:]] for cam in images},
             camera_files={cam: ep.cameras[cam].file_name for cam in images},
@@ -699,7 +708,13 @@ class EpisodeRecorder:
         return features
 
     def _sidecar(
-        self, ep: _Episode, outcome: EpisodeOutcome, notes: str, plan: ResamplePlan, required
+        self,
+        ep: _Episode,
+        outcome: EpisodeOutcome,
+        notes: str,
+        plan: ResamplePlan,
+        required,
+        transport: dict | None = None,
     ) -> dict:
         all_notes = "\n".join(n for n in (ep.notes, notes) if n)
         stamps_first = min(float(s[0]) for s in required.values())
@@ -732,6 +747,7 @@ class EpisodeRecorder:
                 **({"environment_state": len(ep.environment_state)} if self.cfg.environment_state else {}),
             },
             "dropped": dict(ep.counters),
+            **({"transport": transport} if transport is not None else {}),
             "nan_policy": "non-finite joint states/actions are dropped; the previous valid sample is held",
             "recorder_version": RECORDER_VERSION,
             "spool_id": ep.spool_dir.name,

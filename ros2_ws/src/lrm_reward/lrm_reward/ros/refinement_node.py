@@ -80,27 +80,69 @@ DRAIN_FRESH_S = 0.05  # a message this close to the stream's best transit time i
 
 
 class _StreamStats:
-    """Messages of one stream (callbacks only), to see loss and to drain the queue at stop."""
+    """Messages of one stream (callbacks only): counted, lost ones found, lag measured, queue drained at stop.
+
+    Loss: DDS numbers each publisher's messages (rmw MessageInfo: publisher gid + publication sequence
+    number); a jump in one publisher's numbers is messages that never reached this node's callbacks
+    (queue overflow while the node lagged, or best-effort loss on the wire). Works with several publishers
+    on a topic; counts nothing where the middleware gives no sequence numbers.
+    """
+
+    MAX_PUBLISHERS = 64  # sequence numbers kept for this many publishers (they come and go)
 
     def __init__(self) -> None:
         self.total = 0  # while recording, since the node started
         self.episode = 0
+        self.lost = 0  # this episode
+        self.lost_total = 0
+        self.counted = False  # the middleware gave sequence numbers (so `lost` means something)
         self.last = 0.0  # monotonic time of the last message
         self.best_delay = math.inf  # smallest receive - stamp this episode (transit time + clock offset)
         self.delay = math.inf  # receive - stamp of the last message
+        # largest delay - best_delay this episode: how late the node took a message (after an overflow the
+        # oldest are gone, so this understates how long the node was away)
+        self.max_lag = 0.0
+        self.stopped_at: float | None = None  # wall time the last episode was sealed
+        self._last_seq: dict[bytes, int] = {}
 
     def new_episode(self) -> None:
         self.episode = 0
+        self.lost = 0
         self.best_delay = math.inf
         self.delay = math.inf
+        self.max_lag = 0.0
 
-    def received(self, header) -> None:
+    def sequence_gap(self, info) -> int:
+        """Messages of this message's publisher that were skipped since its previous one (0 if unknown)."""
+        seq = info.get("publication_sequence_number") if info else None
+        if seq is None or seq >= 2**63:  # not supported by this rmw
+            return 0
+        self.counted = True
+        gid = info.get("publisher_gid")
+        key = bytes(gid["data"]) if gid else b""
+        previous = self._last_seq.pop(key, None)
+        self._last_seq[key] = seq  # most recent last: the oldest publisher is forgotten first
+        if len(self._last_seq) > self.MAX_PUBLISHERS:
+            del self._last_seq[next(iter(self._last_seq))]
+        return seq - previous - 1 if previous is not None and seq > previous else 0
+
+    def received(self, header, gap: int) -> None:
         self.total += 1
         self.episode += 1
+        self.lost += gap
+        self.lost_total += gap
         self.last = time.monotonic()
         if header is not None and (header.stamp.sec or header.stamp.nanosec):
             self.delay = time.time() - (header.stamp.sec + header.stamp.nanosec * 1e-9)
             self.best_delay = min(self.best_delay, self.delay)
+            self.max_lag = max(self.max_lag, self.delay - self.best_delay)
+
+    def late_for_stopped_episode(self, header) -> bool:
+        """A message taken between episodes that was sent before the last stop (it arrived too late)."""
+        if self.stopped_at is None or header is None or not (header.stamp.sec or header.stamp.nanosec):
+            return False
+        sent = header.stamp.sec + header.stamp.nanosec * 1e-9 + self.best_delay  # on this node's clock
+        return sent < self.stopped_at - DRAIN_FRESH_S
 
     def drained(self, since: float) -> bool:
         """Nothing queued: quiet for a while, or a message after `since` that came straight through."""
@@ -108,6 +150,14 @@ class _StreamStats:
         if now - self.last >= DRAIN_QUIET_S:
             return True
         return self.last > since and self.delay - self.best_delay <= DRAIN_FRESH_S
+
+    def report(self) -> dict:
+        """This episode, for the sidecar's "transport"."""
+        return {
+            "received": self.episode,
+            "lost": self.lost if self.counted else None,
+            "max_lag_s": round(self.max_lag, 3),
+        }
 
 
 class RefinementNode(Node):
@@ -196,9 +246,11 @@ class RefinementNode(Node):
         self.shutdown_save_timeout_s = p(
             "shutdown_save_timeout_s", 300.0, "[s] on shutdown, wait this long for saves in flight"
         )
-        depth = p("queue_depth", 50, "queue depth of the joint state, action, reward topics (reliable)")
+        # deep queues: the DDS threads keep receiving while Python is busy (GIL, a loaded machine), and
+        # whatever does not fit is lost (counted by sequence numbers). 1000 = 2 s of a 500 Hz arm driver.
+        depth = p("queue_depth", 1000, "queue depth of the joint state, action, reward topics (reliable)")
         image_qos = QoSProfile(
-            depth=p("image_queue_depth", 30, "queue depth of the image topics (best effort)"),
+            depth=p("image_queue_depth", 60, "queue depth of the image topics (best effort): 2 s at 30 Hz"),
             reliability=ReliabilityPolicy.BEST_EFFORT,
             history=HistoryPolicy.KEEP_LAST,
         )
@@ -231,7 +283,7 @@ class RefinementNode(Node):
                 self.create_subscription(
                     image_type,
                     topic,
-                    lambda msg, cam=cam: self._on_image(cam, msg),
+                    lambda msg, info, cam=cam: self._on_image(cam, msg, info),
                     image_qos,
                     callback_group=sensors,
                 )
@@ -275,18 +327,28 @@ class RefinementNode(Node):
             return header.stamp.sec + header.stamp.nanosec * 1e-9
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _received(self, stream: str, header=None) -> bool:
-        """Count a message of `stream`; False when no episode is recording (the message is ignored)."""
-        if not self.recorder.recording:
-            return False
+    def _received(self, stream: str, header, info) -> bool:
+        """Count a message of `stream`; False when no episode is recording (the message is ignored).
+
+        Sequence numbers are followed between episodes too, so a gap is not blamed on the wrong episode.
+        """
         stats = self.streams.get(stream)
         if stats is None:
             stats = self.streams[stream] = _StreamStats()
-        stats.received(header)
+        gap = stats.sequence_gap(info)
+        if not self.recorder.recording:
+            if stats.late_for_stopped_episode(header):
+                self._count(
+                    f"late_{stream}",
+                    f"{stream}: a message of the stopped episode arrived after stop_episode (not recorded); "
+                    "the node was behind: raise stop_drain_timeout_s",
+                )
+            return False
+        stats.received(header, gap)
         return True
 
-    def _on_image(self, camera: str, msg) -> None:
-        if not self._received(f"camera:{camera}", msg.header):
+    def _on_image(self, camera: str, msg, info) -> None:
+        if not self._received(f"camera:{camera}", msg.header, info):
             return
         try:
             rgb = compressed_msg_to_rgb(msg) if self.compressed else image_msg_to_rgb(msg)
@@ -296,8 +358,8 @@ class RefinementNode(Node):
         except ValueError as exc:
             self._count("bad_image", f"camera {camera}: {exc}")
 
-    def _on_state(self, msg: JointState) -> None:
-        if not self._received("state", msg.header):
+    def _on_state(self, msg: JointState, info) -> None:
+        if not self._received("state", msg.header, info):
             return
         values = getattr(msg, self.state_field)
         if len(values) == 0:
@@ -311,15 +373,15 @@ class RefinementNode(Node):
         except ValueError as exc:
             self._count("bad_joint_state", str(exc))
 
-    def _on_action(self, msg) -> None:
-        self._on_vector("action", self.recorder.add_action, msg)
+    def _on_action(self, msg, info) -> None:
+        self._on_vector("action", self.recorder.add_action, msg, info)
 
-    def _on_environment_state(self, msg) -> None:
-        self._on_vector("environment_state", self.recorder.add_environment_state, msg)
+    def _on_environment_state(self, msg, info) -> None:
+        self._on_vector("environment_state", self.recorder.add_environment_state, msg, info)
 
-    def _on_vector(self, kind: str, add, msg) -> None:
+    def _on_vector(self, kind: str, add, msg, info) -> None:
         """Action or environment state: JointState (field `action_field`) or Float64MultiArray."""
-        if not self._received(kind, msg.header if isinstance(msg, JointState) else None):
+        if not self._received(kind, msg.header if isinstance(msg, JointState) else None, info):
             return
         if isinstance(msg, JointState):
             values, names, stamp = (
@@ -338,8 +400,8 @@ class RefinementNode(Node):
         except ValueError as exc:
             self._count(f"bad_{kind}", str(exc))
 
-    def _on_reward(self, msg: RewardSignal) -> None:
-        if not self._received("reward", msg.header):
+    def _on_reward(self, msg: RewardSignal, info) -> None:
+        if not self._received("reward", msg.header, info):
             return
         self.recorder.add_reward(self._stamp(msg.header), msg.progress, msg.completion_prob, msg.reward)
         self._completed_run = self._completed_run + 1 if msg.completed else 0
@@ -399,15 +461,29 @@ class RefinementNode(Node):
         self, outcome: EpisodeOutcome, notes: str, res: StopEpisode.Response, wait: bool = True
     ) -> StopEpisode.Response:
         with self._control:
-            if self.recorder.recording:
-                self._drain()
-            received = ", ".join(f"{k} {v.episode}" for k, v in sorted(self.streams.items()))
+            drain_timed_out = self.recorder.recording and not self._drain()
+            streams = sorted(self.streams.items())
+            for _, stats in streams:
+                stats.stopped_at = time.time()
+            received = ", ".join(f"{k} {v.episode}" for k, v in streams)
+            lost = ", ".join(f"{k} {v.lost}" for k, v in streams if v.lost)
+            lag = max((v.max_lag for _, v in streams), default=0.0)
+            transport = {k: v.report() for k, v in streams}
             # the wait for the saver process blocks only this service's thread, not the callbacks
-            result = self.recorder.stop(outcome, notes=notes, wait=wait and self.stop_waits)
+            result = self.recorder.stop(
+                outcome, notes=notes, wait=wait and self.stop_waits, transport=transport
+            )
         res.result = STOP_RESULTS[result.status]
         res.message = result.message
         if result.status not in (SaveStatus.NOT_RECORDING, SaveStatus.DISCARDED):
-            res.message += f" (messages received: {received or 'none'})"
+            res.message += f" (messages received: {received or 'none'}"
+            res.message += f"; LOST before the node could take them: {lost}" if lost else ""
+            res.message += f"; still {lag:.1f} s behind after the drain)" if drain_timed_out else ")"
+        if lost and result.status is not SaveStatus.NOT_RECORDING:
+            self.get_logger().warning(
+                f"episode {result.episode_index}: messages lost ({lost}): the node's queues overflowed while "
+                "it was not taking messages; raise queue_depth / image_queue_depth or lighten the load"
+            )
         res.episode_index = max(result.episode_index, 0)
         res.num_frames = result.num_frames
         if result.status is not SaveStatus.NOT_RECORDING:
@@ -418,15 +494,17 @@ class RefinementNode(Node):
             log(result.message)
         return res
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         """Before sealing, let the callbacks take what is already queued (a loaded machine lags behind):
-        until every stream is quiet or delivers fresh messages again, at most stop_drain_timeout_s."""
+        until every stream is quiet or delivers fresh messages again, at most stop_drain_timeout_s.
+        False when it timed out."""
         since = time.monotonic()
         deadline = since + self.drain_timeout_s
         while time.monotonic() < deadline:
             if all(stats.drained(since) for stats in list(self.streams.values())):
-                return
+                return True
             time.sleep(0.01)
+        return False
 
     def _on_saved(self, result) -> None:
         """A save finished in the saver process (any stop mode)."""
@@ -588,7 +666,8 @@ class RefinementNode(Node):
         status.name = f"{self.get_name()}: recorder"
         status.hardware_id = str(self.data_root)
         status.level = self._last_level
-        if self.counters and status.level == DiagnosticStatus.OK:
+        lost_any = any(stats.lost_total for stats in self.streams.values())
+        if (self.counters or lost_any) and status.level == DiagnosticStatus.OK:
             status.level = DiagnosticStatus.WARN
         status.message = ("recording: " if self.recorder.recording else "") + self._last_message
         values = {
@@ -599,6 +678,10 @@ class RefinementNode(Node):
         for name, stats in sorted(self.streams.items()):
             values[f"received {name} (episode)"] = str(stats.episode)
             values[f"received {name} (total)"] = str(stats.total)
+            if stats.counted:
+                values[f"lost {name} (episode)"] = str(stats.lost)
+                values[f"lost {name} (total)"] = str(stats.lost_total)
+            values[f"lag {name} (episode max, s)"] = f"{stats.max_lag:.3f}"
         values.update({f"rejected {k}": str(v) for k, v in sorted(self.counters.items())})
         values.update(self.nightly.status())
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
