@@ -40,12 +40,13 @@ class BrightnessEngine:
         pass
 
 
-def record(root: Path, name: str, episodes: list[tuple[str, float]]) -> Path:
-    """episodes: (task, final brightness) -- brightness ramps from 20 to the final level over 2 s."""
+def record(root: Path, name: str, episodes: list[tuple]) -> Path:
+    """episodes: (task, final brightness[, operator outcome]) -- brightness ramps from 20 to the final
+    level over 2 s; the outcome (success | failure | unknown) is what the operator said at stop."""
     rec = EpisodeRecorder(
         RecorderConfig(data_root=root, cameras=("front",), fps=10, dataset_name=name, image_writer_threads=0)
     )
-    for task, final in episodes:
+    for task, final, *outcome in episodes:
         rec.start(task)
         for k in range(40):
             t = k * 0.05
@@ -53,6 +54,6 @@ def record(root: Path, name: str, episodes: list[tuple[str, float]]) -> Path:
             rec.add_image("front", t, np.full(SHAPE, level, np.uint8))
             rec.add_state(t, [t, 0.0])
             rec.add_action(t, [t, 0.0])
-        assert rec.stop().status is SaveStatus.SAVED
+        assert rec.stop(*outcome).status is SaveStatus.SAVED
     rec.close()
     return root / name

@@ -140,7 +140,9 @@ def test_tiny_reward_model_judges_through_the_cli(dataset, tiny_lrm, capsys):
         parsed = [p for p in j.completion_probs if p == p]
         assert all(0.0 <= p <= 1.0 for p in parsed)
         assert 0.0 <= j.confidence <= 1.0
-    assert "judged 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "judged 2" in out
+    assert "no operator labels to check the judge against" in out  # recorded without outcome labels
     # idempotent from the CLI too
     assert main(argv) == 0
     assert "judged 1" in capsys.readouterr().out  # only episode 2 was left

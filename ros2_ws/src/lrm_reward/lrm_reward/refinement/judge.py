@@ -317,6 +317,21 @@ def judge_dataset(
         return JudgeRunResult(judged=judged, skipped=skipped, dataset=root)
 
 
+def calibrate_against_operator(dataset_root: Path, cfg: JudgeConfig) -> str:
+    """Compare every stored judgment of a dataset with the operator's labels (written to
+    judgments/calibration.json + .png); one line saying how well they agree, or how to get labels."""
+    from lrm_reward.refinement.calibration import calibrate, write_calibration
+
+    cal = calibrate(load_judgments(dataset_root).values(), cfg.success_threshold, cfg.progress_threshold)
+    if cal is None:
+        return (
+            "no operator labels to check the judge against (stop episodes with OUTCOME_SUCCESS or "
+            "OUTCOME_FAILURE to get them)"
+        )
+    _, png = write_calibration(dataset_root, cal)
+    return f"{cal.summary()}; plot: {png}"
+
+
 def _progress(items: list[int], enabled: bool, desc: str):
     if not enabled:
         return items
@@ -448,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{res.dataset}: judged {len(res.judged)} (successes {ok}), "
                 f"skipped {len(res.skipped)} already judged"
             )
+            try:
+                print(f"{res.dataset}: {calibrate_against_operator(res.dataset, cfg)}")
+            except Exception as exc:  # the judgments are written; a failed plot must not fail the night
+                print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
     finally:
         engine.close()
     return status

@@ -531,6 +531,7 @@ class RefinementNode(Node):
             DatasetNotFoundError,
             JudgeBusyError,
             JudgeConfig,
+            calibrate_against_operator,
             judge_dataset,
         )
 
@@ -596,6 +597,10 @@ class RefinementNode(Node):
             f"judged {len(run.judged)}, reused {len(run.skipped)} stored judgments; {ok} of "
             f"{len(res.judgments)} successful"
         )
+        try:
+            res.message += f"; {calibrate_against_operator(run.dataset, cfg)}"
+        except Exception as exc:  # the judgments are written: a failed plot must not fail the call
+            self.get_logger().warning(f"judge calibration failed: {type(exc).__name__}: {exc}")
         return res
 
     def _run_nightly(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
