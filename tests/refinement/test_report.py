@@ -69,3 +69,32 @@ def test_summary_without_history_or_losses():
         "episodes used: 0 (0 judged successes, 0 demonstrations)",
         "episodes rejected: 0",
     ]
+
+
+def test_report_shows_how_the_judge_agreed_with_the_operator(tmp_path):
+    from types import SimpleNamespace
+
+    from lrm_reward.refinement.calibration import calibrate, write_calibration
+
+    night = tmp_path / "data" / "night"
+    labelled = [
+        SimpleNamespace(
+            episode_index=e, recorded_outcome=label, completion_prob=p, final_progress=1.0, verdict="x"
+        )
+        for e, label, p in ((0, "success", 0.9), (1, "failure", 0.2), (2, "success", 0.4))
+    ]
+    write_calibration(night, calibrate(labelled, success_threshold=0.5))
+    store = PolicyStore(tmp_path / "store", "act_pick")
+    (store.dir / "v0001").mkdir(parents=True)
+    version = PolicyVersion("act_pick", "v0001", store.dir / "v0001")
+    selection = Selection(
+        episodes={str(night): [0]},
+        kept=[_row(str(night), 0, verdict="success", confidence=0.9)],
+        rejected=[_row(str(night), 1, verdict="failure", confidence=0.8, reason="verdict failure")],
+    )
+    index = write_report(store, version, selection, [1.0, 0.5])
+    summary = (index.parent / "summary.txt").read_text()
+    assert "judge vs operator, night: operator labels on 3 episodes (2 success, 1 failure)" in summary
+    assert "agrees on 2 (TP 1 FP 0 FN 1 TN 1)" in summary
+    assert (index.parent / "calibration_night.png").read_bytes().startswith(PNG_MAGIC)
+    assert 'src="calibration_night.png"' in index.read_text()

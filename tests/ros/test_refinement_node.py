@@ -385,3 +385,24 @@ def test_sequence_gaps_are_followed_per_publisher():
     unsupported = _StreamStats()
     assert unsupported.sequence_gap(info(1, None)) == 0 and not unsupported.counted
     assert unsupported.report()["lost"] is None
+
+
+def test_messages_of_a_stopped_episode_that_arrive_late_are_recognised():
+    from std_msgs.msg import Header
+
+    from lrm_reward.ros.refinement_node import _StreamStats
+
+    def header(t: float) -> Header:
+        h = Header()
+        h.stamp.sec, h.stamp.nanosec = int(t), round((t - int(t)) * 1e9)
+        return h
+
+    stats = _StreamStats()
+    # synthetic stamps (t = 100 s) arriving with ~1e9 s of clock offset: best transit = now - 100
+    stats.received(header(100.0), 0)
+    offset = stats.best_delay
+    assert not stats.late_for_stopped_episode(header(100.0))  # no stop yet
+    stats.stopped_at = 100.0 + offset + 0.5  # stopped half a second after that message was sent
+    assert stats.late_for_stopped_episode(header(100.2))  # sent before the stop, taken after it
+    assert not stats.late_for_stopped_episode(header(100.6))  # sent after the stop: not the episode's
+    assert not stats.late_for_stopped_episode(Header())  # no stamp: cannot tell

@@ -72,7 +72,12 @@ class Calibration:
         return line + ("; " + "; ".join(self.notes) if self.notes else "")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "successes": self.successes, "failures": self.failures}
+        return {
+            **asdict(self),
+            "successes": self.successes,
+            "failures": self.failures,
+            "summary": self.summary(),
+        }
 
 
 def calibrate(

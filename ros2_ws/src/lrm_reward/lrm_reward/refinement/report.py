@@ -2,7 +2,8 @@
 
 Written to <store>/<policy>/reports/<version>/ (index.html, summary.txt, rewards.png, nights.png,
 loss.png), outside the checksummed version folder so versions stay immutable. Plots: progress curves of
-kept vs rejected episodes, kept/rejected counts per night (from the store history), training loss.
+kept vs rejected episodes, kept/rejected counts per night (from the store history), training loss, and
+for each judged dataset with operator labels the judge-vs-operator plot of lrm-judge (calibration.py).
 
 What it is not: no judging or training; matplotlib (Agg backend) only, imported lazily.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
+import shutil
 from pathlib import Path
 
 from lrm_reward.refinement.policy_store import PolicyStore, PolicyVersion
@@ -25,13 +27,39 @@ def write_report(store: PolicyStore, version: PolicyVersion, selection, losses: 
     _plot_rewards(out / "rewards.png", selection.kept, selection.rejected)
     _plot_nights(out / "nights.png", history)
     _plot_loss(out / "loss.png", losses)
-    summary = summary_text(version, selection, losses, history)
+    agreement = _operator_agreement(out, selection)
+    summary = summary_text(version, selection, losses, history, agreement)
     (out / "summary.txt").write_text(summary)
-    (out / "index.html").write_text(_html(version, selection, summary))
+    (out / "index.html").write_text(_html(version, selection, summary, [png for _, png in agreement]))
     return out / "index.html"
 
 
-def summary_text(version: PolicyVersion, selection, losses: list[float], history: list[dict]) -> str:
+def _operator_agreement(out: Path, selection) -> list[tuple[str, str]]:
+    """(summary line, plot file name in `out`) per judged dataset that lrm-judge compared with labels."""
+    from lrm_reward.refinement.calibration import load_calibration
+
+    found = []
+    judged = sorted({r["dataset"] for r in selection.kept + selection.rejected if r["source"] == "judged"})
+    for dataset in judged:
+        cal = load_calibration(dataset)
+        if not cal or "summary" not in cal:
+            continue
+        plot = Path(dataset) / "judgments" / "calibration.png"
+        name = f"calibration_{Path(dataset).name}.png"
+        if plot.exists():
+            shutil.copyfile(plot, out / name)
+        line = f"judge vs operator, {Path(dataset).name}: {cal['summary']}"
+        found.append((line, name if plot.exists() else ""))
+    return found
+
+
+def summary_text(
+    version: PolicyVersion,
+    selection,
+    losses: list[float],
+    history: list[dict],
+    agreement: list[tuple[str, str]] = (),
+) -> str:
     judged_kept = [r for r in selection.kept if r["source"] == "judged"]
     demos = [r for r in selection.kept if r["source"] == "demo"]
     reasons: dict[str, int] = {}
@@ -50,6 +78,7 @@ def summary_text(version: PolicyVersion, selection, losses: list[float], history
         lines.append(
             f"runs so far: {len(history)}; successes kept per run: {[h.get('kept', 0) for h in history]}"
         )
+    lines += [line for line, _ in agreement]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +149,7 @@ def _plot_loss(path: Path, losses: list[float]) -> None:
     plt.close(fig)
 
 
-def _html(version: PolicyVersion, selection, summary: str) -> str:
+def _html(version: PolicyVersion, selection, summary: str, agreement_plots: list[str]) -> str:
     rows = []
     for r in sorted(selection.kept + selection.rejected, key=lambda r: (r["dataset"], r["episode_index"])):
         status = "kept" if r in selection.kept else f"rejected: {r.get('reason', '')}"
@@ -150,6 +179,7 @@ def _html(version: PolicyVersion, selection, summary: str) -> str:
 <pre>{html.escape(summary)}</pre>
 <img src="rewards.png" alt="reward curves"> <img src="nights.png" alt="episodes per run">
 <img src="loss.png" alt="loss curve">
+{"".join(f'<img src="{html.escape(p)}" alt="judge vs operator labels">' for p in agreement_plots if p)}
 <h2>Episodes</h2>
 <table><tr><th>dataset</th><th>episode</th><th>task</th><th>source</th><th>verdict</th><th>confidence</th>
 <th>status</th></tr>
