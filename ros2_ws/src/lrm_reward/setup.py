@@ -40,6 +40,7 @@ setup(
             "sim_robot_node = lrm_reward.ros.sim_robot_node:main",
             "lrm-judge = lrm_reward.refinement.judge:main",
             "lrm-refine = lrm_reward.refinement.refine:main",
+            "lrm-policy = lrm_reward.refinement.policy_cli:main",
             "lrm-train-reward = lrm_reward.adaptation.train:main",
             "lrm-eval-reward = lrm_reward.adaptation.evaluate:main",
         ],
