@@ -292,12 +292,9 @@ class FastLogitsReadout:
             except Exception as exc:  # the split path is an optimisation: the one-call pass still answers
                 self.decoder.give_up(f"static suffix pass failed: {type(exc).__name__}: {exc}")
 
-        texts = [part.suffix_text for part in parts]
-        images = [image for part in parts for image in part.suffix_images]
-        inputs = self._encode(texts, images)
+        inputs, grids = self._encode_suffixes(parts)
         ids, suffix_mask = inputs["input_ids"], inputs["attention_mask"]
         device = ids.device
-        grids = self._grids(inputs, [len(part.suffix_images) for part in parts])
         batch, width = ids.shape
         n_nodes = len(trie.node_tokens)
         prefix_lengths = [entry.length if entry is not None else 0 for entry in entries]
@@ -330,6 +327,13 @@ class FastLogitsReadout:
             )
         logits = out.logits  # (B, 1 + N, V): after the answer prefix, then after each node
         return logits[:, 0, :], (logits[:, 1:, :] if n_nodes else None)
+
+    def _encode_suffixes(self, parts: list[PromptParts]):
+        """Tokenise each row's suffix (new frame + question + answer prefix): (inputs, grids per row)."""
+        texts = [part.suffix_text for part in parts]
+        images = [image for part in parts for image in part.suffix_images]
+        inputs = self._encode(texts, images)
+        return inputs, self._grids(inputs, [len(part.suffix_images) for part in parts])
 
     def _positions(self, ids, suffix_mask, entries, grids, trie, batch: int, end: int, total: int):
         """M-RoPE positions (3, batch, total): each row's real suffix ends at column ``end`` and continues
@@ -394,12 +398,9 @@ class FastLogitsReadout:
         """
         import torch
 
-        texts = [part.suffix_text for part in parts]
-        images = [image for part in parts for image in part.suffix_images]
-        inputs = self._encode(texts, images)
+        inputs, grids = self._encode_suffixes(parts)
         ids, suffix_mask = inputs["input_ids"], inputs["attention_mask"]
         device = ids.device
-        grids = self._grids(inputs, [len(part.suffix_images) for part in parts])
         rows, width = ids.shape
         n_nodes = len(trie.node_tokens)
         step = self.length_step
