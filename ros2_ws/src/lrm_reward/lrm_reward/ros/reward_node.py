@@ -431,9 +431,10 @@ class RewardNode(LifecycleNode):
 
         self._task = self._param("task")
         self._build_streams(tracker_cfg)
-        # Deep reliable history: a plotting tool that stalls for a moment must not lose rewards.
+        # Deep reliable history: a plotting tool or recorder that stalls for a moment must not lose rewards
+        # or completion flags (with 10, a stalled test subscriber lost 5 of 40 flags in CI)
         self._reward_pub = self.create_lifecycle_publisher(RewardSignal, "~/reward", 1000)
-        self._completed_pub = self.create_lifecycle_publisher(Bool, "~/completed", 10)
+        self._completed_pub = self.create_lifecycle_publisher(Bool, "~/completed", 1000)
         self._annotated_pub = self.create_lifecycle_publisher(
             Image,
             "~/annotated",
