@@ -193,6 +193,9 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
                 f"{sorted({r['reason'] for r in selection.rejected})})"
             )
         started = time.time()
+        import torch
+
+        torch.manual_seed(cfg.seed)  # before a from-scratch policy draws its initial weights
         policy, pre, post, policy_cfg = _load_or_build(cfg, parent, selection)
         datasets = _open_datasets(selection, policy_cfg)
         losses = _train(cfg, policy, pre, datasets, on_step)
