@@ -240,6 +240,7 @@ def measure(args, workdir: Path) -> list[dict]:
         publisher.wait(timeout=30)
         for b in busy:
             b.kill()
+        peak_rss_mb = _peak_rss_mb(node_proc.pid)
         node_proc.send_signal(signal.SIGINT)
         try:
             node_proc.wait(timeout=120)
@@ -253,6 +254,7 @@ def measure(args, workdir: Path) -> list[dict]:
         side = data_root / "bench" / "recording" / f"episode_{r['episode']:06d}.json"
         r["sidecar"] = json.loads(side.read_text()) if side.exists() else None
         r["saved_after_stop_s"] = sidecar_seen.get(r["episode"], float("nan")) - r["t_stop"]
+        r["node_peak_rss_mb"] = peak_rss_mb
     return rows
 
 
@@ -260,6 +262,14 @@ def _cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) of one process so far; its children are not included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of the node process (its DDS queues included; the saver child is not)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _poll_sidecars(data_root: Path, rows: list[dict], seen: dict[int, float]) -> None:
@@ -322,6 +332,7 @@ def print_table(rows: list[dict], args) -> None:
         "node);\n"
         "node cpu: CPU time of the node process while the episode was published / its duration"
     )
+    print(f"node peak RSS: {rows[0]['node_peak_rss_mb']:.0f} MB")
 
 
 def main() -> int:

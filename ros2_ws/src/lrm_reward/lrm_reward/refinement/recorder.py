@@ -410,7 +410,8 @@ class EpisodeRecorder:
             return False
         spool = ep.cameras.get(camera)
         if spool is None:
-            ep.counters["unknown_camera"] += 1
+            with self._lock:  # cameras may be recorded from several threads
+                ep.counters["unknown_camera"] += 1
             raise ValueError(f"unknown camera {camera!r}; configured: {list(ep.cameras)}")
         try:
             spool.append(stamp_s, rgb)
@@ -419,7 +420,8 @@ class EpisodeRecorder:
             log.error(ep.storage_error)
             return False
         except ValueError:
-            ep.counters["bad_images"] += 1
+            with self._lock:
+                ep.counters["bad_images"] += 1
             raise
         return True
 

@@ -19,9 +19,9 @@ Services: `~/start_episode`, `~/stop_episode`, `~/judge_episode`, `~/run_nightly
 /diagnostics at 1 Hz: recorder state, saves in progress, messages received per stream (episode and
 total), per-kind counters of rejected input, nightly run status and last exit code.
 
-Executor: three threads; the sensor callbacks share one mutually exclusive group (one at a time, in
-order), so a stop waiting for the saver or a judge run never stops the recording callbacks;
-start/stop/auto-stop are serialised by one lock.
+Executor: a thread per subscription, service and timer, each in its own mutually exclusive group (each
+topic in order; ros/spinning.py and __init__ say why), so a stop waiting for the saver or a judge run
+never holds up the recording callbacks; start/stop/auto-stop are serialised by one lock.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -58,7 +57,7 @@ from lrm_reward.refinement.recorder import (
     SaveStatus,
 )
 from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from lrm_reward.ros.spinning import spin_until_shutdown
+from lrm_reward.ros.spinning import spin_until_shutdown, thread_per_entity
 
 OUTCOMES = {
     StopEpisode.Request.OUTCOME_UNKNOWN: EpisodeOutcome.UNKNOWN,
@@ -261,6 +260,7 @@ class RefinementNode(Node):
         self.streams: dict[str, _StreamStats] = {}
         self.data_root = cfg.data_root
         self.counters: dict[str, int] = {}
+        self._counters_lock = threading.Lock()
         self._warned: set[str] = set()
         self._control = threading.Lock()
         self._completed_run = 0
@@ -271,11 +271,15 @@ class RefinementNode(Node):
         self._engine = None
         self._engine_lock = threading.Lock()
 
-        # one mutually exclusive group: messages are handled one at a time, in order, by one executor thread
-        # (a reentrant group on 4 threads cost more CPU than it saved on 2 cores: bench_recorder_node.py)
-        sensors = MutuallyExclusiveCallbackGroup()
-        recording = MutuallyExclusiveCallbackGroup()
-        judging = MutuallyExclusiveCallbackGroup()
+        # One mutually exclusive group PER subscription, service and timer: each topic's messages are handled
+        # in order, one at a time. Never several entities in one group: rclpy's MultiThreadedExecutor hands
+        # out a task for every ready entity of an idle group, all but one bounce off the busy group and
+        # re-trigger, and under load the bounced tasks piled up to ~3000 queued, the executor thread took a
+        # whole core and the node lost half its frames (bench_recorder_node.py). Start/stop are serialised by
+        # self._control; the judge by its dataset lock.
+        def own_group() -> MutuallyExclusiveCallbackGroup:
+            return MutuallyExclusiveCallbackGroup()
+
         image_type = CompressedImage if self.compressed else Image
         self._subs = []
         for cam, topic in zip(cameras, topics, strict=True):
@@ -285,36 +289,38 @@ class RefinementNode(Node):
                     topic,
                     lambda msg, info, cam=cam: self._on_image(cam, msg, info),
                     image_qos,
-                    callback_group=sensors,
+                    callback_group=own_group(),
                 )
             )
         self._subs.append(
             self.create_subscription(
-                JointState, "joint_states", self._on_state, depth, callback_group=sensors
+                JointState, "joint_states", self._on_state, depth, callback_group=own_group()
             )
         )
         action_msg = JointState if self.action_type == "joint_state" else Float64MultiArray
         self._subs.append(
-            self.create_subscription(action_msg, "action", self._on_action, depth, callback_group=sensors)
+            self.create_subscription(action_msg, "action", self._on_action, depth, callback_group=own_group())
         )
         self._subs.append(
-            self.create_subscription(RewardSignal, "reward", self._on_reward, depth, callback_group=sensors)
+            self.create_subscription(
+                RewardSignal, "reward", self._on_reward, depth, callback_group=own_group()
+            )
         )
         if env_topic:
             env_msg = JointState if self.env_type == "joint_state" else Float64MultiArray
             self._subs.append(
                 self.create_subscription(
-                    env_msg, env_topic, self._on_environment_state, depth, callback_group=sensors
+                    env_msg, env_topic, self._on_environment_state, depth, callback_group=own_group()
                 )
             )
-        self.create_service(StartEpisode, "~/start_episode", self._start, callback_group=recording)
-        self.create_service(StopEpisode, "~/stop_episode", self._stop, callback_group=recording)
-        self.create_service(JudgeEpisode, "~/judge_episode", self._judge, callback_group=judging)
+        self.create_service(StartEpisode, "~/start_episode", self._start, callback_group=own_group())
+        self.create_service(StopEpisode, "~/stop_episode", self._stop, callback_group=own_group())
+        self.create_service(JudgeEpisode, "~/judge_episode", self._judge, callback_group=own_group())
         self.nightly = NightlyRunner(self.data_root / "nightly")
-        self.create_service(Trigger, "~/run_nightly", self._run_nightly, callback_group=judging)
-        self.create_timer(0.1, self._auto_stop_check, callback_group=recording)
+        self.create_service(Trigger, "~/run_nightly", self._run_nightly, callback_group=own_group())
+        self.create_timer(0.1, self._auto_stop_check, callback_group=own_group())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=own_group())
         self.get_logger().info(f"recording {list(cameras)} from {topics} into {self.data_root}")
 
     # ------------------------------------------------------------------ parameters
@@ -409,7 +415,8 @@ class RefinementNode(Node):
             self._auto_stop_reason = f"auto-stop: completed held for {self._completed_run} reward messages"
 
     def _count(self, kind: str, message: str) -> None:
-        self.counters[kind] = self.counters.get(kind, 0) + 1
+        with self._counters_lock:  # callbacks of different topics run on different threads
+            self.counters[kind] = self.counters.get(kind, 0) + 1
         if kind not in self._warned:  # once per kind; the count is in /diagnostics
             self._warned.add(kind)
             self.get_logger().warning(f"{message} (further '{kind}' are only counted)")
@@ -515,7 +522,7 @@ class RefinementNode(Node):
             (self.get_logger().error if failed else self.get_logger().info)(result.message)
 
     def _auto_stop_check(self) -> None:
-        if not self.recorder.recording:
+        if not self.recorder.recording or self._control.locked():  # idle, or a start/stop is under way
             return
         reason = self._auto_stop_reason
         if not reason and self.timeout_s > 0 and time.monotonic() - self._episode_started > self.timeout_s:
@@ -709,8 +716,8 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     """Entry point of `ros2 run lrm_reward refinement_node`."""
     rclpy.init(args=args if args is not None else sys.argv)
     node = RefinementNode(engine_factory=engine_factory)
-    # threads: the sensor group, a stop waiting for the saver, a judge run (long), timers
-    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=3))
+    # a thread per entity: a stop waiting for the saver or a judge run never holds up a callback
+    return spin_until_shutdown(node, thread_per_entity(node))
 
 
 if __name__ == "__main__":

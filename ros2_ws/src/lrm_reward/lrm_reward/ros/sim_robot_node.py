@@ -48,7 +48,6 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
@@ -56,7 +55,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from lrm_reward.ros.image_conversion import rgb_to_image_msg
-from lrm_reward.ros.spinning import spin_until_shutdown
+from lrm_reward.ros.spinning import spin_until_shutdown, thread_per_entity
 from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
 from lrm_reward.sim.policy_controller import LeRobotPolicyController
 from lrm_reward.sim.so101_scene import (
@@ -400,7 +399,7 @@ def main(args: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             rclpy.try_shutdown()
         return 1
-    return spin_until_shutdown(node, MultiThreadedExecutor(num_threads=3))
+    return spin_until_shutdown(node, thread_per_entity(node))
 
 
 if __name__ == "__main__":
