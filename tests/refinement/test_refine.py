@@ -48,22 +48,25 @@ def recorded(tmp_path_factory) -> Path:
     return root
 
 
+def scratch_cfg(store: Path, recorded: Path, **kw) -> RefineConfig:
+    """A tiny ACT trained from scratch on the demonstrations."""
+    base = dict(
+        store_root=store,
+        policy_name="act_pick",
+        demos=[recorded / "demos"],
+        batch_size=4,
+        from_scratch=True,
+        policy_overrides=TINY_ACT,
+        progress_bar=False,
+        report=False,
+    )
+    return RefineConfig(**{**base, **kw})
+
+
 @pytest.fixture(scope="module")
 def store_with_v1(recorded, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("policies")
-    result = refine(
-        RefineConfig(
-            store_root=store,
-            policy_name="act_pick",
-            demos=[recorded / "demos"],
-            steps=2,
-            batch_size=4,
-            from_scratch=True,
-            policy_overrides=TINY_ACT,
-            progress_bar=False,
-            report=False,
-        )
-    )
+    result = refine(scratch_cfg(store, recorded, steps=2))
     assert result.version.version == "v0001" and result.parent is None
     return store
 
@@ -139,20 +142,7 @@ def test_refine_writes_a_new_version_and_leaves_the_old_one_untouched(store, rec
 
 def test_from_scratch_is_reproducible_with_the_same_seed(recorded, tmp_path):
     def weights(store: Path, seed: int) -> str:
-        result = refine(
-            RefineConfig(
-                store_root=store,
-                policy_name="act_pick",
-                demos=[recorded / "demos"],
-                steps=1,
-                batch_size=4,
-                from_scratch=True,
-                policy_overrides=TINY_ACT,
-                progress_bar=False,
-                report=False,
-                seed=seed,
-            )
-        )
+        result = refine(scratch_cfg(store, recorded, steps=1, seed=seed))
         return result.version.metadata()["files"]["model.safetensors"]
 
     first = weights(tmp_path / "a", seed=3)

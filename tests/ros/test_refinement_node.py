@@ -186,23 +186,32 @@ def _publishers(node) -> dict:
     }
 
 
-def test_records_judges_and_refuses_bad_requests(ros_node, refinement_node):
+def _connect(node, process):
+    """Publishers, a /diagnostics collector and start/stop clients, once the node has subscribed."""
     from diagnostic_msgs.msg import DiagnosticArray
+
+    from lrm_interfaces.srv import StartEpisode, StopEpisode
+
+    pubs = _publishers(node)
+    diagnostics: list = []
+    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    start = node.create_client(StartEpisode, f"/{NODE}/start_episode")
+    stop = node.create_client(StopEpisode, f"/{NODE}/stop_episode")
+    subscribed = spin_until(
+        node, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), 60.0, process
+    )
+    assert subscribed, process.log()[-3000:]
+    return pubs, diagnostics, start, stop
+
+
+def test_records_judges_and_refuses_bad_requests(ros_node, refinement_node):
 
     from lrm_interfaces.srv import JudgeEpisode, StartEpisode, StopEpisode
 
     process, data_root = refinement_node
     node = ros_node
-    pubs = _publishers(node)
-    diagnostics = []
-    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-    start = node.create_client(StartEpisode, f"/{NODE}/start_episode")
-    stop = node.create_client(StopEpisode, f"/{NODE}/stop_episode")
+    pubs, diagnostics, start, stop = _connect(node, process)
     judge = node.create_client(JudgeEpisode, f"/{NODE}/judge_episode")
-    subscribed = spin_until(
-        node, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), 60.0, process
-    )
-    assert subscribed, process.log()[-3000:]
 
     # bad requests first
     res = _call(node, stop, StopEpisode.Request(), process)
@@ -312,7 +321,6 @@ def test_records_judges_and_refuses_bad_requests(ros_node, refinement_node):
 def test_counts_messages_lost_while_the_node_is_frozen(ros_node, tmp_path):
     """With tiny queues and the node process stopped for 1 s, messages are lost, and the node says exactly
     how many (publisher sequence numbers): received + lost = published, per stream."""
-    from diagnostic_msgs.msg import DiagnosticArray
 
     from lrm_interfaces.srv import StartEpisode, StopEpisode
 
@@ -332,15 +340,7 @@ def test_counts_messages_lost_while_the_node_is_frozen(ros_node, tmp_path):
     process = _start_node(tmp_path, params)
     try:
         node = ros_node
-        pubs = _publishers(node)
-        diagnostics = []
-        node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
-        start = node.create_client(StartEpisode, f"/{NODE}/start_episode")
-        stop = node.create_client(StopEpisode, f"/{NODE}/stop_episode")
-        subscribed = spin_until(
-            node, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), 60.0, process
-        )
-        assert subscribed, process.log()[-3000:]
+        pubs, diagnostics, start, stop = _connect(node, process)
         res = _call(node, start, StartEpisode.Request(task="pick"), process)
         assert res.result == StartEpisode.Response.RESULT_OK, res.message
         _publish_episode(node, pubs, 3000.0, 2.0, freeze=(process, 0.5, 1.0))
