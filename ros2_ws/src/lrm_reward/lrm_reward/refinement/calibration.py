@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lrm_reward.durable_files import write_json_atomic
+from lrm_reward.refinement.judge import JUDGMENTS_DIR
 
 LABELS = ("success", "failure")
 FEW_LABELS = 5  # fewer labelled episodes than this of either kind: the summary says the sample is small
@@ -98,12 +99,13 @@ def calibrate(
     if not episodes:
         return None
     episodes.sort(key=lambda e: e.episode_index)
+    matrix = _matrix(episodes, success_threshold, progress_threshold)
     cal = Calibration(
         success_threshold=success_threshold,
         progress_threshold=progress_threshold,
         episodes=episodes,
-        matrix=_matrix(episodes, success_threshold, progress_threshold),
-        balanced_accuracy=_balanced_accuracy(episodes, success_threshold, progress_threshold),
+        matrix=matrix,
+        balanced_accuracy=_balanced_accuracy(matrix),
     )
     if not cal.successes or not cal.failures:
         missing = "failure" if cal.successes else "success"
@@ -111,7 +113,7 @@ def calibrate(
         return cal
     best, best_score = success_threshold, cal.balanced_accuracy
     for t in _candidate_thresholds(episodes):
-        score = _balanced_accuracy(episodes, t, progress_threshold)
+        score = _balanced_accuracy(_matrix(episodes, t, progress_threshold))
         closer = abs(t - success_threshold) < abs(best - success_threshold)
         if score > best_score + 1e-12 or (abs(score - best_score) <= 1e-12 and closer):
             best, best_score = t, score
@@ -123,20 +125,24 @@ def calibrate(
     return cal
 
 
+def calibration_paths(dataset_root: Path | str) -> tuple[Path, Path]:
+    """(calibration.json, calibration.png) next to the dataset's judgments."""
+    folder = Path(dataset_root) / JUDGMENTS_DIR
+    return folder / "calibration.json", folder / "calibration.png"
+
+
 def write_calibration(dataset_root: Path | str, cal: Calibration) -> tuple[Path, Path]:
-    """judgments/calibration.json and calibration.png next to the judgments."""
-    folder = Path(dataset_root) / "judgments"
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = folder / "calibration.json", folder / "calibration.png"
+    json_path, png_path = calibration_paths(dataset_root)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, cal.to_json())
     _plot(png_path, cal)
     return json_path, png_path
 
 
 def load_calibration(dataset_root: Path | str) -> dict | None:
-    path = Path(dataset_root) / "judgments" / "calibration.json"
+    json_path, _ = calibration_paths(dataset_root)
     try:
-        return json.loads(path.read_text())
+        return json.loads(json_path.read_text())
     except (OSError, ValueError):
         return None
 
@@ -155,8 +161,7 @@ def _matrix(episodes, threshold: float, progress_threshold: float | None) -> dic
     return m
 
 
-def _balanced_accuracy(episodes, threshold: float, progress_threshold: float | None) -> float | None:
-    m = _matrix(episodes, threshold, progress_threshold)
+def _balanced_accuracy(m: dict[str, int]) -> float | None:
     pos, neg = m["tp"] + m["fn"], m["tn"] + m["fp"]
     if not pos or not neg:
         return None

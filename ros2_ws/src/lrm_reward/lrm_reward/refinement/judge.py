@@ -317,12 +317,17 @@ def judge_dataset(
         return JudgeRunResult(judged=judged, skipped=skipped, dataset=root)
 
 
-def calibrate_against_operator(dataset_root: Path, cfg: JudgeConfig) -> str:
-    """Compare every stored judgment of a dataset with the operator's labels (written to
-    judgments/calibration.json + .png); one line saying how well they agree, or how to get labels."""
+def calibrate_against_operator(
+    dataset_root: Path, cfg: JudgeConfig, judgments: dict[int, Judgment] | None = None
+) -> str:
+    """Compare every stored judgment of a dataset (`judgments`: already loaded with load_judgments) with
+    the operator's labels (written to judgments/calibration.json + .png); one line saying how well they
+    agree, or how to get labels."""
     from lrm_reward.refinement.calibration import calibrate, write_calibration
 
-    cal = calibrate(load_judgments(dataset_root).values(), cfg.success_threshold, cfg.progress_threshold)
+    if judgments is None:
+        judgments = load_judgments(dataset_root)
+    cal = calibrate(judgments.values(), cfg.success_threshold, cfg.progress_threshold)
     if cal is None:
         return (
             "no operator labels to check the judge against (stop episodes with OUTCOME_SUCCESS or "

@@ -24,12 +24,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrm_reward.refinement.judge import JUDGMENTS_DIR
 from lrm_reward.refinement.policy_store import (
     CorruptCheckpointError,
     PolicyStore,
     PolicyVersion,
     StoreBusyError,
 )
+from lrm_reward.refinement.recorder import SIDECAR_DIR
 
 PROMOTIONS = "promotions.jsonl"
 
@@ -64,7 +66,7 @@ def robot_records(data_roots: list[Path], policy: str) -> dict[str, RobotRecord]
     infos = sorted({info for root in data_roots for info in Path(root).glob("*/meta/info.json")})
     for info in infos:
         dataset = info.parent.parent
-        for sidecar in sorted((dataset / "recording").glob("episode_*.json")):
+        for sidecar in sorted((dataset / SIDECAR_DIR).glob("episode_*.json")):
             try:
                 side = json.loads(sidecar.read_text())
             except (OSError, ValueError):
@@ -78,7 +80,7 @@ def robot_records(data_roots: list[Path], policy: str) -> dict[str, RobotRecord]
                 rec.labelled += 1
                 rec.labelled_successes += side["outcome"] == "success"
             try:
-                judgment = json.loads((dataset / "judgments" / sidecar.name).read_text())
+                judgment = json.loads((dataset / JUDGMENTS_DIR / sidecar.name).read_text())
             except (OSError, ValueError):
                 continue
             rec.judged += 1

@@ -36,7 +36,7 @@ def write_report(store: PolicyStore, version: PolicyVersion, selection, losses: 
 
 def _operator_agreement(out: Path, selection) -> list[tuple[str, str]]:
     """(summary line, plot file name in `out`) per judged dataset that lrm-judge compared with labels."""
-    from lrm_reward.refinement.calibration import load_calibration
+    from lrm_reward.refinement.calibration import calibration_paths, load_calibration
 
     found = []
     judged = sorted({r["dataset"] for r in selection.kept + selection.rejected if r["source"] == "judged"})
@@ -44,12 +44,11 @@ def _operator_agreement(out: Path, selection) -> list[tuple[str, str]]:
         cal = load_calibration(dataset)
         if not cal or "summary" not in cal:
             continue
-        plot = Path(dataset) / "judgments" / "calibration.png"
-        name = f"calibration_{Path(dataset).name}.png"
-        if plot.exists():
+        _, plot = calibration_paths(dataset)
+        name = f"calibration_{Path(dataset).name}.png" if plot.exists() else ""
+        if name:
             shutil.copyfile(plot, out / name)
-        line = f"judge vs operator, {Path(dataset).name}: {cal['summary']}"
-        found.append((line, name if plot.exists() else ""))
+        found.append((f"judge vs operator, {Path(dataset).name}: {cal['summary']}", name))
     return found
 
 

@@ -272,11 +272,12 @@ class RefinementNode(Node):
         self._engine_lock = threading.Lock()
 
         # One mutually exclusive group PER subscription, service and timer: each topic's messages are handled
-        # in order, one at a time. Never several entities in one group: rclpy's MultiThreadedExecutor hands
-        # out a task for every ready entity of an idle group, all but one bounce off the busy group and
-        # re-trigger, and under load the bounced tasks piled up to ~3000 queued, the executor thread took a
-        # whole core and the node lost half its frames (bench_recorder_node.py). Start/stop are serialised by
-        # self._control; the judge by its dataset lock.
+        # in order, one at a time. Never several entities in one group: rclpy hands out a task for every
+        # ready entity of an idle group and all but one bounce off the busy group and re-trigger (under load
+        # that churn cost whole episodes of joint states, bench_recorder_node.py), and a stop waiting for
+        # the saver would hold up everything sharing its group. The queue pile-up itself was rclpy's
+        # resubmission of waiting tasks (ros/spinning.py). Start/stop are serialised by self._control; the
+        # judge by its dataset lock.
         def own_group() -> MutuallyExclusiveCallbackGroup:
             return MutuallyExclusiveCallbackGroup()
 
@@ -470,8 +471,9 @@ class RefinementNode(Node):
         with self._control:
             drain_timed_out = self.recorder.recording and not self._drain()
             streams = sorted(self.streams.items())
+            stopped_at = time.time()
             for _, stats in streams:
-                stats.stopped_at = time.time()
+                stats.stopped_at = stopped_at
             received = ", ".join(f"{k} {v.episode}" for k, v in streams)
             lost = ", ".join(f"{k} {v.lost}" for k, v in streams if v.lost)
             lag = max((v.max_lag for _, v in streams), default=0.0)
@@ -605,7 +607,7 @@ class RefinementNode(Node):
             f"{len(res.judgments)} successful"
         )
         try:
-            res.message += f"; {calibrate_against_operator(run.dataset, cfg)}"
+            res.message += f"; {calibrate_against_operator(run.dataset, cfg, stored)}"
         except Exception as exc:  # the judgments are written: a failed plot must not fail the call
             self.get_logger().warning(f"judge calibration failed: {type(exc).__name__}: {exc}")
         return res
