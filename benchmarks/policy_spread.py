@@ -70,17 +70,10 @@ def evaluate(path: Path, episodes: int, first_seed: int, max_steps: int) -> list
 
 
 def train(cfg):
-    """refine(cfg) with torch seeded from cfg.seed first.
-
-    refine() builds a from-scratch policy before it seeds torch for training, so without this the
-    initial weights (and every result) change from run to run whatever the seed; stdout chatter from
-    lerobot goes to stderr, so that stdout is the table.
-    """
-    import torch
-
+    """refine(cfg) (which seeds torch from cfg.seed before a from-scratch policy draws its weights), with
+    lerobot's stdout chatter sent to stderr so that stdout is the table."""
     from lrm_reward.refinement.refine import refine
 
-    torch.manual_seed(cfg.seed)
     with contextlib.redirect_stdout(sys.stderr):
         return refine(cfg)
 
