@@ -14,16 +14,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engine  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import bench_engine
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from lrm_reward.core.types import Modality  # noqa: E402
+from lrm_reward.core.types import Modality
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=("8b",), default="8b")
     parser.add_argument("--smoke", action="store_true", help="toy width, runs on a CPU")
     parser.add_argument("--batch", type=int, nargs="+", default=[32])
@@ -50,7 +52,9 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
         print(f"\n# prefix-cache, progress, batch {batch}, 2 calls, sorted by {sort}", flush=True)
-        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60), flush=True)
+        print(
+            prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60), flush=True
+        )
 
 
 if __name__ == "__main__":
