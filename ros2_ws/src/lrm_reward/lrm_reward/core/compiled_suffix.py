@@ -318,18 +318,21 @@ class SuffixDecoder:
                 if buffer is not None:
                     buffer.copy_(value)
         # warm up on a side stream (compiles; lazy inits, cuBLAS workspaces) before recording, as torch
-        # documents; a compiled step compiles here, never during the capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._counted(key, lambda: self._decode(inputs, self._step, static))
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self._decode(inputs, self._step, static)
-        torch.cuda.synchronize()
+        # documents; a compiled step compiles here, never during the capture. Streams, pool, capture and
+        # synchronize all on the inputs' device (cuda:N), whatever this thread's current device is.
+        device = inputs.embeds.device
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._counted(key, lambda: self._decode(inputs, self._step, static))
+            torch.cuda.current_stream(device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self._decode(inputs, self._step, static)
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         compiled = self.stats.graphs - graphs_before
         self.stats.graphs += 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import gc
 import logging
 import re
 import threading
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lrm_reward.core import prompts
+from lrm_reward.core.cuda_device import on_device, release_memory
 from lrm_reward.core.types import Answer, Modality, Query, Readout
 
 if TYPE_CHECKING:
@@ -320,6 +320,11 @@ class LocalRewardEngine(RewardEngine):
         return list(self._loaded.adapter_names) if self._loaded else []
 
     @property
+    def base_only(self) -> bool:
+        """No adapters loaded: the base (or a merged) checkpoint answers, not the released reward model."""
+        return bool(self._loaded) and self._loaded.base_only
+
+    @property
     def prefix_cache(self):
         """The PrefixCache of the fast path (None when off), for diagnostics and benchmarks."""
         return self._fast.cache if self._fast is not None else None
@@ -330,7 +335,7 @@ class LocalRewardEngine(RewardEngine):
         return self._loaded.model if self._loaded else None
 
     def score(self, queries: list[Query]) -> list[Answer]:
-        with self._lock:
+        with self._lock, on_device(self._loaded.device if self._loaded else None):
             return self._score(list(queries))
 
     def warm_up(
@@ -397,16 +402,10 @@ class LocalRewardEngine(RewardEngine):
                 return
             if self._fast is not None and self._fast.cache is not None:
                 self._fast.cache.clear()
+            device = self._loaded.device
             self._fast = None
             self._loaded = None
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:
-                pass
+            release_memory(device)
 
     # --- internals ------------------------------------------------------------------------------------
 
@@ -465,25 +464,31 @@ class LocalRewardEngine(RewardEngine):
         import torch
 
         queries = [query for _, query in items]
+        out_of_memory = failure = ""
         try:
             self.stats.forward_batches += 1
             return self._run(route, queries)
         except torch.cuda.OutOfMemoryError as exc:
-            _release_cuda_cache()
+            out_of_memory = str(exc)
+        except Exception as exc:  # one bad query must not take its batch (or the caller) down
+            if len(items) == 1:
+                log.exception("query failed")
+            failure = f"{type(exc).__name__}: {exc}"
+        # Retries run here, after the except block: only the message is kept, so the exception, its traceback
+        # and the failed pass's frames (which hold its activations) are gone before the memory is released
+        # and the smaller batches run.
+        if out_of_memory:
+            release_memory(self._loaded.device)
             if len(items) > 1:
                 self.stats.oom_retries += 1
                 half = len(items) // 2
                 log.warning("CUDA out of memory at batch %d: retrying at %d", len(items), half)
                 return self._run_chunk(route, items[:half]) + self._run_chunk(route, items[half:])
-            return [_error_answer(q, f"CUDA out of memory at batch size 1: {exc}") for q in queries]
-        except Exception as exc:  # one bad query must not take its batch (or the caller) down
-            if len(items) > 1:
-                log.warning(
-                    "batch of %d failed (%s: %s): retrying one by one", len(items), type(exc).__name__, exc
-                )
-                return [answer for item in items for answer in self._run_chunk(route, [item])]
-            log.exception("query failed")
-            return [_error_answer(queries[0], f"{type(exc).__name__}: {exc}")]
+            return [_error_answer(q, f"CUDA out of memory at batch size 1: {out_of_memory}") for q in queries]
+        if len(items) > 1:
+            log.warning("batch of %d failed (%s): retrying one by one", len(items), failure)
+            return [answer for item in items for answer in self._run_chunk(route, [item])]
+        return [_error_answer(queries[0], failure)]
 
     def _run(self, route: _Route, queries: list[Query]) -> list[Answer]:
         from lrm_reward.core import readouts
@@ -582,14 +587,6 @@ def _error_answer(query: Query, error: str) -> Answer:
     except (ValueError, AttributeError):  # the Answer still needs some modality; the error says why
         modality = Modality.PROGRESS
     return Answer(modality=modality, value=None, parsed=False, error=error)
-
-
-def _release_cuda_cache() -> None:
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 _BACKENDS: dict[str, Callable[[EngineConfig], RewardEngine]] = {"local": LocalRewardEngine}

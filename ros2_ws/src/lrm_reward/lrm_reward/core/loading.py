@@ -8,7 +8,15 @@ and the tiny test models. It follows the authors' server (arXiv 2603.16065 relea
   restricted to ``["visual"]`` (the released config also names the nested ``merger``, and PEFT cannot
   build overlapping wrappers);
 - an adapter config without ``r`` / ``lora_alpha`` falls back to r=64, alpha=128;
-- every adapter's ``lora_B`` is checked non-zero after the move; otherwise loading is refused.
+- every tensor of every adapter file must end up in the model, with its values, under that adapter (the
+  progress adapter's vision tower included), and every weight the model holds for an adapter must come
+  from its file; otherwise loading is refused naming the keys (PEFT only warns, so a vision tower whose
+  keys do not match would silently stay the base one);
+- every adapter's ``lora_B`` is checked non-zero after the move; otherwise loading is refused;
+- the processor comes from ``processor`` when given, else from the base folder, else from the first
+  adapter folder that has one (the authors load it from the adapter folder: a cached base snapshot can
+  lack processor files);
+- no adapters = the plain base (or a merged checkpoint): logged as a WARNING, ``LoadedModel.base_only``.
 
 Weights load from safetensors only and ``trust_remote_code`` stays off.
 What it is not: no prompts, no readouts, no batching (see ``readouts.py`` and ``engine.py``).
@@ -36,7 +44,14 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 
 
 class ModelLoadError(RuntimeError):
-    """The model or an adapter cannot be loaded as asked; the message says which and why."""
+    """The model or an adapter cannot be loaded as asked; the message says which and why, on one line.
+
+    Causes from transformers / huggingface_hub often span lines; they are folded so that a command line tool
+    can print ``f"{prog}: {exc}"`` as its one error line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -49,6 +64,15 @@ class LoadedModel:
     device: Any  # torch.device
     dtype: Any  # torch.dtype
     lora_b_nonzero: dict[str, int] = field(default_factory=dict)  # adapter -> LoRA modules with lora_B != 0
+    adapter_tensors: dict[str, int] = field(
+        default_factory=dict
+    )  # adapter -> tensors of its file, all placed
+    processor_source: str = ""  # where the processor was loaded from
+
+    @property
+    def base_only(self) -> bool:
+        """No adapters: the base (or a merged) checkpoint answers; not the released reward model."""
+        return not self.adapter_names
 
 
 def resolve_dtype(name: str, device: str):
@@ -150,25 +174,57 @@ def load_model(
     local_files_only: bool = True,
     processor: str | None = None,
 ) -> LoadedModel:
-    """Load base (+ adapters) on the CPU, verify, then move to the device. Raises ModelLoadError."""
-    import torch
+    """Load base (+ adapters) on the CPU, verify, then move to the device. Raises ModelLoadError.
 
+    processor: a folder / Hub id to take the processor from; None = the base, else the adapter folders.
+    """
     torch_dtype = resolve_dtype(dtype, device)
+    target = _select_device(device)
+    # adapter folders first: a missing one fails in a second, not after loading 16 GB of base weights
+    folders = [
+        (name, spec, resolve_adapter_folder(spec, local_files_only))
+        for name, spec in order_adapters(adapters or {})
+    ]
+    if not folders:
+        log.warning(
+            "no adapters configured: serving %s alone, the base model only, not a reward model "
+            "(unless it is a merged LRM checkpoint); configure the progress/contrastive/completion adapters",
+            base_model,
+        )
     model = _load_base(base_model, torch_dtype, attn_implementation, local_files_only)
-    proc = _load_processor(processor or base_model, local_files_only)
+    proc, proc_source = find_processor(processor, base_model, [f for _, _, f in folders], local_files_only)
 
     names: list[str] = []
-    if adapters:
-        model, names = _attach_adapters(model, adapters, local_files_only)
+    placed: dict[str, int] = {}
+    if folders:
+        model, names, placed = _attach_adapters(model, folders)
     try:
-        model.to(device=torch.device(device), dtype=torch_dtype)
+        model.to(device=target, dtype=torch_dtype)
     except (RuntimeError, AssertionError) as exc:  # e.g. no CUDA here
         raise ModelLoadError(f"cannot move the model to {device!r}: {exc}") from exc
     model.eval()
     nonzero = verify_lora_b(model, names) if names else {}
     if names:
         model.set_adapter(names[0])
-    return LoadedModel(model, proc, names, torch.device(device), torch_dtype, nonzero)
+    return LoadedModel(model, proc, names, target, torch_dtype, nonzero, placed, proc_source)
+
+
+def _select_device(device: str):
+    """torch.device for the name; cuda:N also becomes this thread's current device (torch.cuda.set_device).
+
+    The current device is per thread: the engine scopes each call to its device as well (engine.py).
+    """
+    import torch
+
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is not None:
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here")
+        count = torch.cuda.device_count()
+        if target.index >= count:
+            raise ModelLoadError(f"device {device!r} asked for, but only {count} CUDA device(s) are visible")
+        torch.cuda.set_device(target)
+    return target
 
 
 def adopt_model(model, processor, device: str, dtype: str = "auto") -> LoadedModel:
@@ -254,6 +310,29 @@ def _load_base(spec: str, torch_dtype, attn_implementation: str | None, local_fi
         ) from exc
 
 
+def find_processor(
+    explicit: str | None, base_model: str, adapter_folders: list[Path], local_files_only: bool
+) -> tuple[Any, str]:
+    """(processor, where it came from): `explicit` when given (no fallback), else the base, else the first
+    adapter folder that holds one. Raises ModelLoadError naming every place tried."""
+    if explicit:
+        return _load_processor(explicit, local_files_only), explicit
+    errors = []
+    for spec in [base_model, *(str(folder) for folder in adapter_folders)]:
+        try:
+            proc = _load_processor(spec, local_files_only)
+        except ModelLoadError as exc:
+            errors.append(str(exc))
+            continue
+        if spec != base_model:
+            log.info("processor loaded from the adapter folder %s (the base %s has none)", spec, base_model)
+        return proc, spec
+    raise ModelLoadError(
+        "no processor (tokenizer + image processor) in the base model or any adapter folder; set "
+        f"model.processor to a folder that has one. Tried: {' | '.join(errors)}"
+    )
+
+
 def _load_processor(spec: str, local_files_only: bool):
     from transformers import AutoProcessor
 
@@ -271,13 +350,17 @@ def _load_processor(spec: str, local_files_only: bool):
     return proc
 
 
-def _attach_adapters(model, adapters: dict[str, str], local_files_only: bool):
+def _attach_adapters(model, folders: list[tuple[str, str, Path]]):
+    """Attach (name, spec, folder) adapters in order; returns (peft model, names, tensors placed per name)."""
     from peft import PeftModel
 
+    # transformers can rename a model's modules between versions and map old checkpoints onto the new names;
+    # PeftModel.from_pretrained applies that mapping, load_adapter does not unless told: give it to both
+    key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
     peft_model = None
     names: list[str] = []
-    for name, spec in order_adapters(adapters):
-        folder = resolve_adapter_folder(spec, local_files_only)
+    placed: dict[str, int] = {}
+    for name, spec, folder in folders:
         if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
             found = sorted(p.name for p in folder.iterdir())
             raise ModelLoadError(
@@ -294,19 +377,96 @@ def _attach_adapters(model, adapters: dict[str, str], local_files_only: bool):
                     config=config,
                     is_trainable=False,
                     torch_device="cpu",
+                    key_mapping=key_mapping,
                 )
-                result = None
             else:
                 peft_model.add_adapter(name, config)
-                result = peft_model.load_adapter(str(folder), adapter_name=name, torch_device="cpu")
+                peft_model.load_adapter(
+                    str(folder), adapter_name=name, torch_device="cpu", key_mapping=key_mapping
+                )
         except Exception as exc:
             raise ModelLoadError(
                 f"adapter {name!r} from {spec!r} does not fit the base model: {type(exc).__name__}: {exc}"
             ) from exc
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
-        if unexpected:
-            raise ModelLoadError(
-                f"adapter {name!r} has weights the base model has no place for: {unexpected[:3]}"
-            )
+        # PEFT's own load result only warns, and from_pretrained drops it: check the file against the model
+        placed[name] = account_adapter_weights(peft_model, name, folder, key_mapping)
         names.append(name)
-    return peft_model, names
+    return peft_model, names, placed
+
+
+def account_adapter_weights(peft_model, name: str, folder: Path, key_mapping: dict | None = None) -> int:
+    """Check that every tensor of the adapter file sits in the model under `name` with the same values, and
+    that every weight the model holds for `name` came from the file. Returns the number of tensors placed;
+    raises ModelLoadError naming the keys otherwise. Reads the file one tensor at a time (no second copy).
+    """
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    # the model's weights for this adapter, keyed as PEFT saves (and loads) them
+    held = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+    no_place: list[str] = []
+    not_loaded: list[str] = []
+    seen: set[str] = set()
+    path = folder / ADAPTER_WEIGHTS_FILE
+    with safe_open(str(path), framework="pt", device="cpu") as weights:
+        keys = list(weights.keys())
+        for key in keys:
+            model_key = map_adapter_key(key, key_mapping)
+            seen.add(model_key)
+            target = held.get(model_key)
+            if target is None:
+                no_place.append(key)
+                continue
+            value = weights.get_tensor(key)
+            same = value.shape == target.shape and torch.equal(value.to(target.dtype), target.detach().cpu())
+            if not same:
+                not_loaded.append(key)
+    left_out = sorted(k for k in held if k not in seen)
+    problems = []
+    if no_place:
+        problems.append(
+            f"{len(no_place)} tensor(s) of the file have no place in the model: {_some(no_place)}"
+        )
+    if not_loaded:
+        problems.append(f"{len(not_loaded)} tensor(s) did not load (values differ): {_some(not_loaded)}")
+    if left_out:
+        problems.append(
+            f"{len(left_out)} adapter weight(s) of the model are not in the file (left as initialised or "
+            f"copied from the base): {_some(left_out)}"
+        )
+    if problems:
+        bad = no_place + not_loaded + left_out
+        tower = " (vision tower weights among them)" if _touches_tower(bad) else ""
+        raise ModelLoadError(
+            f"adapter {name!r} in {path}: of {len(keys)} tensors, "
+            + "; ".join(problems)
+            + tower
+            + ". Refusing to run on a partly loaded adapter: the adapter was saved for another model layout "
+            "or peft/transformers version, or the file is damaged"
+        )
+    return len(keys)
+
+
+def map_adapter_key(key: str, key_mapping: dict | None) -> str:
+    """The name PEFT loads a saved adapter key under, after transformers' checkpoint key mapping (as
+    peft.utils.load_peft_weights does: the first matching pattern, applied below the base_model prefix)."""
+    if not key_mapping:
+        return key
+    prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+    rest = key.removeprefix(prefix)
+    for pattern, replacement in key_mapping.items():
+        renamed, count = re.subn(pattern, replacement, rest)
+        if count:
+            rest = renamed
+            break
+    return prefix + rest
+
+
+def _some(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def _touches_tower(keys: list[str]) -> bool:
+    return any(f".{VISION_TOWER}." in key or key.startswith(f"{VISION_TOWER}.") for key in keys)

@@ -395,6 +395,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", nargs="+", help="dataset folder(s) written by the refinement node")
     p.add_argument("--model", required=True, help="base model folder or Hub id (Qwen3-VL)")
     p.add_argument("--adapters", default=None, help="'progress=DIR,completion=DIR' or a folder of adapters")
+    p.add_argument(
+        "--processor", default=None, help="processor folder (default: the base, else an adapter folder)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--readout", default="logits", choices=["logits", "generate"])
@@ -429,17 +432,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrm-judge: {exc}", file=sys.stderr)
         return 2
     from lrm_reward.core.engine import EngineConfig, make_engine
+    from lrm_reward.core.loading import ModelLoadError
     from lrm_reward.core.types import Readout
 
-    engine = make_engine(
-        EngineConfig(
-            base_model=args.model,
-            adapters=adapters,
-            device=args.device,
-            dtype=args.dtype,
-            readout=Readout(args.readout),
+    try:
+        engine = make_engine(
+            EngineConfig(
+                base_model=args.model,
+                adapters=adapters,
+                device=args.device,
+                dtype=args.dtype,
+                readout=Readout(args.readout),
+                processor=args.processor,
+            )
         )
-    )
+    except (ModelLoadError, ValueError) as exc:  # one line, not a traceback: the message names the fix
+        print(f"lrm-judge: cannot load the reward model: {exc}", file=sys.stderr)
+        return 1
     status = 0
     try:
         for ds in args.dataset:

@@ -57,6 +57,7 @@ from lrm_reward.refinement.recorder import (
     SaveStatus,
 )
 from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from lrm_reward.ros.log_bridge import forward_core_logging
 from lrm_reward.ros.spinning import spin_until_shutdown, thread_per_entity
 
 OUTCOMES = {
@@ -719,7 +720,8 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     rclpy.init(args=args if args is not None else sys.argv)
     node = RefinementNode(engine_factory=engine_factory)
     # a thread per entity: a stop waiting for the saver or a judge run never holds up a callback
-    return spin_until_shutdown(node, thread_per_entity(node))
+    with forward_core_logging(node):  # the core's Python logging -> this node's logger and /rosout
+        return spin_until_shutdown(node, thread_per_entity(node))
 
 
 if __name__ == "__main__":

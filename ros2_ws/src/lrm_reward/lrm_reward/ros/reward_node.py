@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -76,6 +76,7 @@ from lrm_reward.ros.image_conversion import (
     image_msg_to_rgb,
     rgb_to_image_msg,
 )
+from lrm_reward.ros.log_bridge import forward_core_logging
 from lrm_reward.ros.spinning import spin_until_shutdown
 
 NODE_NAME = "reward_node"
@@ -150,6 +151,13 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "model.adapters.completion": (
         "",
         _describe("completion LoRA adapter folder / Hub id ('' = none)", read_only=True),
+    ),
+    "model.processor": (
+        "",
+        _describe(
+            "processor (tokenizer + image processor) folder / Hub id; '' = the base, else an adapter folder",
+            read_only=True,
+        ),
     ),
     "model.backend": (
         "local",
@@ -464,6 +472,7 @@ class RewardNode(LifecycleNode):
             compile=self._param("model.compile"),
             local_files_only=self._param("model.local_files_only"),
             backend=self._param("model.backend"),
+            processor=self._param("model.processor") or None,
             max_task_chars=self._param("max_task_chars"),
         )
 
@@ -827,9 +836,10 @@ class RewardNode(LifecycleNode):
                 last_error=f"{faults.last_kind}: {faults.last_message}" if faults.last_kind else "",
             )
         stamp = self.get_clock().now().to_msg()
-        self._diagnostics_pub.publish(
-            build_diagnostics(self.get_name(), health, streams, self._param("camera_timeout_s"), stamp)
-        )
+        array = build_diagnostics(self.get_name(), health, streams, self._param("camera_timeout_s"), stamp)
+        if getattr(self._engine, "base_only", False):
+            _flag_base_only(array.status[0])
+        self._diagnostics_pub.publish(array)
 
     def _state_label(self) -> str:
         # The state machine's label ("unconfigured", "inactive", "active", ...).
@@ -904,6 +914,16 @@ class RewardNode(LifecycleNode):
         return episode
 
 
+BASE_ONLY = "base model only, not a reward model"
+
+
+def _flag_base_only(status: DiagnosticStatus) -> None:
+    """No adapters loaded (model.adapters.* empty): the model status says so, at WARN or worse."""
+    status.level = max(status.level, DiagnosticStatus.WARN)
+    status.message = f"{BASE_ONLY} (no adapters configured); {status.message}"
+    status.values.append(KeyValue(key="adapters", value=f"none: {BASE_ONLY}"))
+
+
 def _default_engine_factory():
     from lrm_reward.core.engine import make_engine  # torch/transformers load only when a node configures
 
@@ -922,7 +942,8 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
         ):
             node.trigger_activate()
 
-    return spin_until_shutdown(node, startup=autostart)
+    with forward_core_logging(node):  # the core's Python logging -> this node's logger and /rosout
+        return spin_until_shutdown(node, startup=autostart)
 
 
 if __name__ == "__main__":

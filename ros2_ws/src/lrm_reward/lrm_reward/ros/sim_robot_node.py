@@ -55,6 +55,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from lrm_reward.ros.image_conversion import rgb_to_image_msg
+from lrm_reward.ros.log_bridge import forward_core_logging
 from lrm_reward.ros.spinning import spin_until_shutdown, thread_per_entity
 from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
 from lrm_reward.sim.policy_controller import LeRobotPolicyController
@@ -399,7 +400,8 @@ def main(args: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             rclpy.try_shutdown()
         return 1
-    return spin_until_shutdown(node, thread_per_entity(node))
+    with forward_core_logging(node):  # the core's Python logging -> this node's logger and /rosout
+        return spin_until_shutdown(node, thread_per_entity(node))
 
 
 if __name__ == "__main__":
