@@ -1,85 +1,122 @@
-"""Static checks of the launch files (launch/launch_ros have no PyPI wheels, so they cannot run here):
-each compiles, and every package, executable and config file it names exists in this workspace."""
+"""The launch file's own logic, without starting anything: which launch arguments become which node
+parameters and remappings (an argument left empty must leave the params file's value), how ``adapters:=``
+picks the folders that exist, and the fix it prints when the node cannot configure. Real launches (the node
+started by ``ros2 launch``, parameters read back with ``ros2 param get``) are in tests/ros/test_launch.py."""
 
-import ast
-import configparser
-import re
+import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_FILES = sorted((REPO / "launch").glob("*.launch.py"))
-PACKAGES = {p.parent.name: p.parent for p in (REPO / "ros2_ws" / "src").glob("*/package.xml")}
-CONFIG_SUFFIXES = (".yaml", ".rviz", ".perspective", ".xml")
+LAUNCH_FILE = REPO / "launch" / "reward.launch.py"
+SHARE = REPO / "ros2_ws" / "install" / "lrm_reward" / "share" / "lrm_reward"
 
 
-def console_scripts(package_dir: Path) -> set[str]:
-    setup_py = (package_dir / "setup.py").read_text()
-    return set(re.findall(r'"([\w\-]+)\s*=\s*[\w.]+:\w+"', setup_py))
+@pytest.fixture(scope="module")
+def launch_file():
+    spec = importlib.util.spec_from_file_location("reward_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def string_constants(tree: ast.AST) -> list[str]:
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+def given(**values: str):
+    """arg(name) for node_parameters: the launch arguments given on the command line, defaults otherwise."""
+    return lambda name: values.get(name, {"image": "/camera/image_raw"}.get(name, ""))
 
 
-def keyword_constants(tree: ast.AST, keyword: str) -> list[str]:
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            for kw in node.keywords:
-                if kw.arg == keyword and isinstance(kw.value, ast.Constant):
-                    found.append(kw.value.value)
-    return found
+def test_every_argument_has_a_description(launch_file):
+    description = launch_file.generate_launch_description()
+    arguments = description.get_launch_arguments()
+    assert {a.name for a in arguments} >= {
+        "compressed",
+        "image_topics",
+        "autostart",
+        "adapters",
+        "namespace",
+        "use_sim_time",
+        "modalities",
+        "interval_frames",
+        "dtype",
+        "compile",
+    }
+    assert all(a.description.strip() for a in arguments)
 
 
-def test_there_are_launch_files():
-    assert any(p.name == "reward.launch.py" for p in LAUNCH_FILES), "launch/reward.launch.py is missing"
+def test_arguments_left_empty_leave_the_params_file_alone(launch_file):
+    overrides, remappings = launch_file.node_parameters(given())
+    assert overrides == {}  # not even compressed/autostart/image_topics: the params file decides
+    assert remappings == [("image", "/camera/image_raw")]
 
 
-@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
-def test_launch_file_compiles_and_names_only_existing_things(path: Path):
-    source = path.read_text()
-    tree = ast.parse(source, filename=str(path))
-    compile(tree, str(path), "exec")
-    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
+def test_given_arguments_become_parameters(launch_file, tmp_path):
+    for name in ("progress", "completion"):  # no contrastive/ folder
+        (tmp_path / name).mkdir()
+    overrides, remappings = launch_file.node_parameters(
+        given(
+            image_topics="/a/image,/b/image",
+            compressed="true,false",
+            autostart="false",
+            use_sim_time="true",
+            interval_frames="7",
+            modalities="progress, completion",
+            dtype="float32",
+            compile="cuda-graphs",
+            adapters=str(tmp_path),
+            model_path="~/models/base",
+        )
+    )
+    assert remappings == [("image_0", "/a/image"), ("image_1", "/b/image")]
+    assert overrides == {
+        "image_topics": ["image_0", "image_1"],
+        "compressed": [True, False],
+        "autostart": False,
+        "use_sim_time": True,
+        "interval_frames": 7,
+        "modalities": ["progress", "completion"],
+        "model.dtype": "float32",
+        "model.compile": "cuda-graphs",
+        "model.base": str(Path.home() / "models" / "base"),
+        # whichever folders exist; the missing one is cleared, not left at the params file's Hub id
+        "model.adapters.progress": str(tmp_path / "progress"),
+        "model.adapters.contrastive": "",
+        "model.adapters.completion": str(tmp_path / "completion"),
+    }
 
-    ours = {"lrm_reward", "lrm_interfaces"}
-    for package in keyword_constants(tree, "package"):
-        if package in ours:
-            assert package in PACKAGES, f"{path.name} names package {package!r}, not in ros2_ws/src"
-    for executable in keyword_constants(tree, "executable"):
-        if executable in {"rviz2", "rqt", "plotjuggler"}:
-            continue  # from the user's ROS install
-        scripts = console_scripts(PACKAGES["lrm_reward"])
-        assert executable in scripts, f"{path.name}: no executable {executable!r}"
-    for name in string_constants(tree):
-        if name.endswith(CONFIG_SUFFIXES) and "/" not in name and not name.startswith("$"):
-            assert (REPO / "config" / name).exists() or (REPO / "launch" / name).exists(), (
-                f"{path.name} names {name!r}, which is neither in config/ nor launch/"
-            )
 
-    # Every DeclareLaunchArgument carries a description.
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == (
-            "DeclareLaunchArgument"
-        ):
-            assert any(kw.arg == "description" for kw in node.keywords), (
-                f"{path.name}: a launch argument has no description (line {node.lineno})"
-            )
+def test_bad_arguments_are_named(launch_file, tmp_path):
+    with pytest.raises(ValueError, match="interval_frames"):
+        launch_file.node_parameters(given(interval_frames="ten"))
+    with pytest.raises(ValueError, match="autostart"):
+        launch_file.node_parameters(given(autostart="maybe"))
+    with pytest.raises(ValueError, match="none of the adapter folders"):
+        launch_file.node_parameters(given(adapters=str(tmp_path)))
+
+
+def test_params_file_is_read_with_dotted_names(launch_file):
+    params = launch_file.file_parameters(str(REPO / "config" / "reward_node.yaml"))
+    assert params["autostart"] is True
+    assert params["model.adapters.progress"] == "USC-PSI-Lab/LRM-models/progress"
+
+
+def test_configure_failure_hint_names_missing_paths_and_the_download(launch_file, tmp_path):
+    hint = launch_file.configure_failure_hint(
+        {"model.base": str(tmp_path / "nowhere"), "model.adapters.progress": str(tmp_path)}
+    )
+    assert f"model_path {tmp_path / 'nowhere'} does not exist" in hint
+    assert "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct" in hint
+    assert str(tmp_path) + " does not" not in hint  # the existing adapter folder is not blamed
 
 
 def test_launch_and_config_are_installed_into_the_share_directory():
-    share = REPO / "ros2_ws" / "install" / "lrm_reward" / "share" / "lrm_reward"
-    if not share.exists():
+    if not SHARE.exists():
         pytest.fail("ros2_ws/install is missing: run scripts/setup.sh")
-    for path in LAUNCH_FILES:
-        assert (share / "launch" / path.name).exists(), f"{path.name} not installed: rerun colcon build"
+    for path in (REPO / "launch").glob("*.launch.py"):
+        installed = SHARE / "launch" / path.name
+        assert installed.exists(), f"{path.name} not installed: rerun scripts/setup.sh"
+        assert installed.read_text() == path.read_text(), f"{path.name} is stale: rerun scripts/setup.sh"
     for path in (REPO / "config").glob("*.*"):
-        assert (share / "config" / path.name).exists(), f"config/{path.name} not installed"
-
-
-def test_setup_cfg_installs_scripts_where_ros2_run_looks():
-    cfg = configparser.ConfigParser()
-    cfg.read(PACKAGES["lrm_reward"] / "setup.cfg")
-    assert cfg["install"]["install_scripts"] == "$base/lib/lrm_reward"
+        assert (SHARE / "config" / path.name).exists(), f"config/{path.name} not installed"
+    yaml.safe_load((SHARE / "config" / "reward_node.yaml").read_text())

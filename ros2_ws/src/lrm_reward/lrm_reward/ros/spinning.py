@@ -7,6 +7,7 @@ Not for building nodes or parsing arguments: each node's ``main`` does that, the
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +91,10 @@ def spin_until_shutdown(
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # SIGINT / SIGTERM: a requested, clean stop
     finally:
+        # Ctrl-C in a terminal reaches a launched node twice (the terminal's process group, then ros2 launch
+        # passing it on): a second SIGINT must not cut the cleanup short with a KeyboardInterrupt.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if hasattr(node, "shutdown_cleanly"):
             node.shutdown_cleanly()
         executor.shutdown()

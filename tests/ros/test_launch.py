@@ -1,0 +1,237 @@
+"""The real launch: ``ros2 launch lrm_reward reward.launch.py`` in its own process group, checked from
+outside with the real ``ros2`` CLI (``--no-daemon``, every call under a timeout), stopped with SIGINT to the
+group as a user's Ctrl-C would. Each test checks that nothing of the launch is left running afterwards.
+
+- every launch argument reaches the node's parameters (``ros2 param get``), ``autostart:=false`` leaves
+  the node unconfigured, and rviz2/PlotJuggler that are not installed only cost a WARN;
+- with the tiny model the node comes up active, several cameras get their remaps, and an argument not
+  given leaves the params file's value;
+- a node that cannot configure (model folder missing) ends the launch at once with an ERROR naming the
+  missing path and the download command, exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ros
+
+CLI_TIMEOUT_S = 40  # one `ros2 lifecycle get` once hung for minutes: never call the CLI without one
+SPIN = ["--no-daemon", "--spin-time", "5"]  # --spin-time 2 missed nodes on 2 busy cores
+
+
+class Launch:
+    """`ros2 launch lrm_reward reward.launch.py ARGS` in its own process group, output in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["ros2", "launch", "lrm_reward", "reward.launch.py", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own: SIGINT reaches it as Ctrl-C would
+        )
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        pytest.fail(f"{text!r} not seen (launch rc={self.proc.poll()}):\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                pytest.fail(f"launch did not stop on SIGINT within {timeout} s:\n{self.output()[-4000:]}")
+        self._log.close()
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Processes still in the launch's group (the nodes it started), after a grace period."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return []
+            time.sleep(0.2)
+        found = subprocess.run(
+            ["ps", "-o", "pid=,args=", "-g", str(self.proc.pid)], capture_output=True, text=True, timeout=10
+        ).stdout.split("\n")
+        os.killpg(self.proc.pid, signal.SIGKILL)  # don't leave them to the next test
+        return [line for line in found if line.strip()]
+
+
+@pytest.fixture
+def launch(tmp_path: Path):
+    started: list[Launch] = []
+
+    def start(*args: str) -> Launch:
+        handle = Launch(list(args), tmp_path / f"launch_{len(started)}.log")
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        if handle.proc.poll() is None:
+            handle.stop()
+        handle.leftovers()
+
+
+def ros2(*args: str) -> str:
+    result = subprocess.run(["ros2", *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 0, f"ros2 {' '.join(args)}: rc {result.returncode}\n{result.stderr}"
+    return result.stdout
+
+
+def param_values(node: str, names: list[str], *other: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """`ros2 param get NODE NAME` for every name, and `ros2 OTHER...` for each other command, all at once
+    (each call spins 5 s for discovery; one after the other they would take minutes)."""
+    calls = [("param", "get", "--hide-type", *SPIN, node, name) for name in names] + list(other)
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        outputs = [out.rstrip("\n") for out in pool.map(lambda call: ros2(*call), calls)]
+    return dict(zip(names, outputs[: len(names)], strict=True)), outputs[len(names) :]
+
+
+def test_every_argument_reaches_the_node_and_autostart_false_leaves_it_unconfigured(launch, tmp_path):
+    for name in ("progress", "completion"):  # adapters:= takes the folders that exist
+        (tmp_path / "adapters" / name).mkdir(parents=True)
+    run = launch(
+        "namespace:=robot1",
+        "autostart:=false",  # no configure: no model needed, and the state must stay unconfigured
+        "task:=stack the cups",
+        "image_topics:=/cam_left/image_raw,/cam_right/image_raw",
+        "compressed:=true",
+        "multi_camera:=paired",
+        f"model_path:={tmp_path / 'base'}",
+        f"adapters:={tmp_path / 'adapters'}",
+        "device:=cpu",
+        "dtype:=float32",
+        "compile:=cuda-graphs",
+        "readout:=generate",
+        "modalities:=progress,contrastive",
+        "interval_frames:=7",
+        "use_sim_time:=true",
+        "use_rviz:=true",  # not installed here: a WARN, and the node runs on
+        "use_plotjuggler:=true",
+    )
+    run.wait_for("process started", timeout=30)
+    node = "/robot1/reward_node"
+    values, (state,) = param_values(
+        node,
+        [
+            "autostart",
+            "task",
+            "image_topics",
+            "compressed",
+            "multi_camera",
+            "model.base",
+            "model.adapters.progress",
+            "model.adapters.contrastive",
+            "model.adapters.completion",
+            "model.device",
+            "model.dtype",
+            "model.compile",
+            "model.readout",
+            "modalities",
+            "interval_frames",
+            "use_sim_time",
+        ],
+        ("lifecycle", "get", *SPIN, node),
+    )
+    assert state.startswith("unconfigured"), state
+    assert values == {
+        "autostart": "False",
+        "task": "stack the cups",
+        "image_topics": "['image_0', 'image_1']",
+        "compressed": "True",
+        "multi_camera": "paired",
+        "model.base": str(tmp_path / "base"),
+        "model.adapters.progress": str(tmp_path / "adapters" / "progress"),
+        "model.adapters.contrastive": "",
+        "model.adapters.completion": str(tmp_path / "adapters" / "completion"),
+        "model.device": "cpu",
+        "model.dtype": "float32",
+        "model.compile": "cuda-graphs",
+        "model.readout": "generate",
+        "modalities": "['progress', 'contrastive']",
+        "interval_frames": "7",
+        "use_sim_time": "True",
+    }
+    output = run.output()
+    for tool in ("rviz2", "plotjuggler"):
+        assert re.search(rf"\[WARNING\] \[lrm_reward.launch\]: {tool} is not installed", output), output
+    assert run.proc.poll() is None, output  # still running without them
+    assert run.stop() == 0, run.output()
+    assert run.leftovers() == []
+
+
+def test_tiny_model_comes_up_active_with_one_remap_per_camera(launch, tiny_lrm, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {"reward_node": {"ros__parameters": {"interval_frames": 3, "compressed": False, "task": "t"}}}
+        )
+    )
+    run = launch(
+        f"params_file:={params}",
+        f"model_path:={tiny_lrm.base}",
+        f"adapters:={tiny_lrm.base.parent}",
+        "device:=cpu",
+        "image_topics:=/cam_a/image_raw,/cam_b/image_raw,/cam_c/image_raw",
+    )
+    run.wait_for("]: active: scoring", timeout=90)  # the node's log line once activated
+    # Not given on the command line: the params file's values stand.
+    values, (info, state) = param_values(
+        "/reward_node",
+        ["interval_frames", "task"],
+        ("node", "info", *SPIN, "/reward_node"),
+        ("lifecycle", "get", *SPIN, "/reward_node"),
+    )
+    assert values == {"interval_frames": "3", "task": "t"}
+    assert state.startswith("active"), state
+    subscribers = info.split("Subscribers:", 1)[1].split("Publishers:", 1)[0]
+    for camera in ("/cam_a/image_raw", "/cam_b/image_raw", "/cam_c/image_raw"):
+        assert camera in subscribers, info
+    assert "/reward_node/reward" in info.split("Publishers:", 1)[1], info
+    assert run.stop() == 0, run.output()
+    assert "process has finished cleanly" in run.output()
+    assert run.leftovers() == []
+
+
+def test_a_node_that_cannot_configure_ends_the_launch_with_the_fix(launch, tiny_lrm, tmp_path):
+    missing = tmp_path / "no" / "Qwen3-VL-8B-Instruct"
+    run = launch(f"model_path:={missing}", f"adapters:={tiny_lrm.base.parent}", "device:=cpu")
+    try:
+        rc = run.proc.wait(timeout=90)  # by itself, no SIGINT
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the launch carried on with an unconfigured node:\n{run.output()[-4000:]}")
+    output = run.output()
+    assert rc == 1, output
+    error = next(line for line in output.splitlines() if "[ERROR] [lrm_reward.launch]" in line)
+    assert f"model_path {missing} does not exist" in error
+    assert "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct" in error
+    assert run.leftovers() == []
