@@ -373,7 +373,7 @@ def test_counts_messages_lost_while_the_node_is_frozen(ros_node, tmp_path):
 
 def test_sequence_gaps_are_followed_per_publisher():
     """Two publishers on one topic interleave their numbers: only real jumps count as lost."""
-    from lrm_reward.ros.refinement_node import _StreamStats
+    from lrm_reward.ros.refinement_intake import StreamStats as _StreamStats
 
     def info(publisher: int, seq: int | None) -> dict:
         return {"publication_sequence_number": seq, "publisher_gid": {"data": bytes([publisher]) * 16}}
@@ -390,7 +390,7 @@ def test_sequence_gaps_are_followed_per_publisher():
 def test_messages_of_a_stopped_episode_that_arrive_late_are_recognised():
     from std_msgs.msg import Header
 
-    from lrm_reward.ros.refinement_node import _StreamStats
+    from lrm_reward.ros.refinement_intake import StreamStats as _StreamStats
 
     def header(t: float) -> Header:
         h = Header()

@@ -22,42 +22,35 @@ total), per-kind counters of rejected input, nightly run status and last exit co
 Executor: a thread per subscription, service and timer, each in its own mutually exclusive group (each
 topic in order; ros/spinning.py and __init__ say why), so a stop waiting for the saver or a judge run
 never holds up the recording callbacks; start/stop/auto-stop are serialised by one lock.
+
+Where the pieces live: ``refinement_params`` (every parameter, declared, described and checked once),
+``refinement_intake`` (the subscriptions and their callbacks, per-stream transport statistics). This
+module is the node itself: episode control, judging, the nightly run, /diagnostics, shutdown and ``main``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
-from lrm_interfaces.msg import EpisodeJudgment, RewardSignal
+from lrm_interfaces.msg import EpisodeJudgment
 from lrm_interfaces.srv import JudgeEpisode, StartEpisode, StopEpisode
 from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
 from lrm_reward.refinement.nightly import NightlyConfig, NightlyRunner
-from lrm_reward.refinement.recorder import (
-    EpisodeOutcome,
-    EpisodeRecorder,
-    RecorderBusyError,
-    RecorderConfig,
-    SaveStatus,
-)
-from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from lrm_reward.refinement.recorder import EpisodeOutcome, EpisodeRecorder, RecorderBusyError, SaveStatus
 from lrm_reward.ros.log_bridge import forward_core_logging
+from lrm_reward.ros.refinement_intake import RecordingIntakeMixin, StreamStats
+from lrm_reward.ros.refinement_params import read_parameters
 from lrm_reward.ros.spinning import spin_until_shutdown, thread_per_entity
 
 OUTCOMES = {
@@ -75,191 +68,32 @@ STOP_RESULTS = {
     SaveStatus.NOT_RECORDING: StopEpisode.Response.RESULT_NOT_RECORDING,
     SaveStatus.SAVING: StopEpisode.Response.RESULT_OK,  # stop_waits_for_save false: sealed, saving now
 }
-DRAIN_QUIET_S = 0.1  # a stream with no message for this long has nothing queued
-DRAIN_FRESH_S = 0.05  # a message this close to the stream's best transit time is not from a backlog
 
 
-class _StreamStats:
-    """Messages of one stream (callbacks only): counted, lost ones found, lag measured, queue drained at stop.
+class RefinementNode(RecordingIntakeMixin, Node):
+    """See the module docstring; ``engine_factory`` (judge parameters -> engine) lets tests fake the judge."""
 
-    Loss: DDS numbers each publisher's messages (rmw MessageInfo: publisher gid + publication sequence
-    number); a jump in one publisher's numbers is messages that never reached this node's callbacks
-    (queue overflow while the node lagged, or best-effort loss on the wire). Works with several publishers
-    on a topic; counts nothing where the middleware gives no sequence numbers.
-    """
-
-    MAX_PUBLISHERS = 64  # sequence numbers kept for this many publishers (they come and go)
-
-    def __init__(self) -> None:
-        self.total = 0  # while recording, since the node started
-        self.episode = 0
-        self.lost = 0  # this episode
-        self.lost_total = 0
-        self.counted = False  # the middleware gave sequence numbers (so `lost` means something)
-        self.last = 0.0  # monotonic time of the last message
-        self.best_delay = math.inf  # smallest receive - stamp this episode (transit time + clock offset)
-        self.delay = math.inf  # receive - stamp of the last message
-        # largest delay - best_delay this episode: how late the node took a message (after an overflow the
-        # oldest are gone, so this understates how long the node was away)
-        self.max_lag = 0.0
-        self.stopped_at: float | None = None  # wall time the last episode was sealed
-        self._last_seq: dict[bytes, int] = {}
-
-    def new_episode(self) -> None:
-        self.episode = 0
-        self.lost = 0
-        self.best_delay = math.inf
-        self.delay = math.inf
-        self.max_lag = 0.0
-
-    def sequence_gap(self, info) -> int:
-        """Messages of this message's publisher that were skipped since its previous one (0 if unknown)."""
-        seq = info.get("publication_sequence_number") if info else None
-        if seq is None or seq >= 2**63:  # not supported by this rmw
-            return 0
-        self.counted = True
-        gid = info.get("publisher_gid")
-        key = bytes(gid["data"]) if gid else b""
-        previous = self._last_seq.pop(key, None)
-        self._last_seq[key] = seq  # most recent last: the oldest publisher is forgotten first
-        if len(self._last_seq) > self.MAX_PUBLISHERS:
-            del self._last_seq[next(iter(self._last_seq))]
-        return seq - previous - 1 if previous is not None and seq > previous else 0
-
-    def received(self, header, gap: int) -> None:
-        self.total += 1
-        self.episode += 1
-        self.lost += gap
-        self.lost_total += gap
-        self.last = time.monotonic()
-        if header is not None and (header.stamp.sec or header.stamp.nanosec):
-            self.delay = time.time() - (header.stamp.sec + header.stamp.nanosec * 1e-9)
-            self.best_delay = min(self.best_delay, self.delay)
-            self.max_lag = max(self.max_lag, self.delay - self.best_delay)
-
-    def late_for_stopped_episode(self, header) -> bool:
-        """A message taken between episodes that was sent before the last stop (it arrived too late)."""
-        if self.stopped_at is None or header is None or not (header.stamp.sec or header.stamp.nanosec):
-            return False
-        sent = header.stamp.sec + header.stamp.nanosec * 1e-9 + self.best_delay  # on this node's clock
-        return sent < self.stopped_at - DRAIN_FRESH_S
-
-    def drained(self, since: float) -> bool:
-        """Nothing queued: quiet for a while, or a message after `since` that came straight through."""
-        now = time.monotonic()
-        if now - self.last >= DRAIN_QUIET_S:
-            return True
-        return self.last > since and self.delay - self.best_delay <= DRAIN_FRESH_S
-
-    def report(self) -> dict:
-        """This episode, for the sidecar's "transport"."""
-        return {
-            "received": self.episode,
-            "lost": self.lost if self.counted else None,
-            "max_lag_s": round(self.max_lag, 3),
-        }
-
-
-class RefinementNode(Node):
     def __init__(self, engine_factory=None) -> None:
         super().__init__("refinement_node")
         self._engine_factory = engine_factory
-        p = self._param
-        data_root = p("data_root", "~/lrm_data", "folder holding one LeRobotDataset per day/run")
-        cameras = p("cameras", ["front"], "camera names -> features observation.images.<name>")
-        topics = p("image_topics", [""], "image topic per camera; '' = 'image' for one camera, image_<name>")
-        self.compressed = p("compressed", False, "image topics carry sensor_msgs/CompressedImage")
-        self.stamp_source = p("stamp_source", "header", "header (receive time when zero) | receive")
-        self.state_field = p("state_field", "position", "JointState field recorded as observation.state")
-        self.action_type = p("action_type", "joint_state", "joint_state | float64_multi_array")
-        self.action_field = p("action_field", "position", "JointState field of the action topic")
-        env_topic = p("environment_state_topic", "", "observation.environment_state topic; '' = off")
-        self.env_type = p(
-            "environment_state_type", "float64_multi_array", "float64_multi_array | joint_state"
-        )
-        env_names = [
-            n for n in p("environment_state_names", [""], "names of its values (float64_multi_array)") if n
-        ]
-        self.auto_stop_frames = p(
-            "auto_stop.completed_frames", 0, "stop when `completed` holds N msgs; 0 off"
-        )
-        self.timeout_s = p("auto_stop.timeout_s", 0.0, "[s] stop an episode after this long; 0 = off")
-        self.judge_params = {
-            "model": p("judge.model", "", "reward model (base) folder or Hub id for ~/judge_episode"),
-            "adapters": p("judge.adapters", "", "'progress=DIR,completion=DIR' or a folder of adapters"),
-            "device": p("judge.device", "cpu", "device of the judge model"),
-            "dtype": p("judge.dtype", "auto", "dtype of the judge model"),
-            "completion_last_n": p("judge.completion_last_n", 3, "completion asked on the last N frames"),
-            "curve_every_k": p("judge.curve_every_k", 10, "progress curve sampled every k frames"),
-            "success_threshold": p("judge.success_threshold", 0.5, "mean completion prob for success"),
-            "progress_threshold": p("judge.progress_threshold", -1.0, "final progress needed; < 0 = off"),
-        }
-        self.nightly_params = {
-            "datasets": p("nightly.datasets", ["{today}"], "datasets (inside data_root); {today} = today's"),
-            "store": p("nightly.store", "", "policy store root for lrm-refine; '' = ~/run_nightly refuses"),
-            "policy": p("nightly.policy", "", "policy name inside the store"),
-            "demos": p("nightly.demos", [""], "demonstration datasets added to every refinement"),
-            "steps": p("nightly.steps", 2000, "training steps of lrm-refine"),
-            "batch_size": p("nightly.batch_size", 8, "batch size of lrm-refine"),
-            "device": p("nightly.device", "cpu", "training device of lrm-refine"),
-            "judge": p("nightly.judge", True, "judge the datasets first (judge.* parameters)"),
-            "judge_args": p("nightly.judge_args", [""], "extra lrm-judge arguments"),
-            "refine_args": p("nightly.refine_args", [""], "extra lrm-refine arguments"),
-        }
-        cfg = RecorderConfig(
-            data_root=Path(data_root).expanduser(),
-            cameras=tuple(cameras),
-            fps=p("fps", 30, "dataset frames per second (streams are resampled by stamp)"),
-            dataset_name=p(
-                "dataset_name", "rec_{date}", "dataset folder; {date} -> YYYY-MM-DD (one per day)"
-            ),
-            robot_type=p("robot_type", "", "stored in the dataset info") or None,
-            use_videos=p("use_videos", True, "store cameras as video (encoded at stop)"),
-            video_codec=p("video_codec", "libsvtav1", "lerobot video codec: libsvtav1, h264, hevc, ..."),
-            max_gap_s=p("max_gap_s", 0.5, "[s] a stream silent longer than this is a dropout (partial)"),
-            on_gap=p("on_gap", "truncate", "truncate | hold: what a dropout does to the episode"),
-            spool_to_disk=p("spool_to_disk", True, "spool raw frames to disk while recording"),
-            image_writer_threads=p("image_writer_threads", 2, "PNG writer threads (streaming_encoding off)"),
-            saver=p("saver", "process", "process: a niced child process encodes and saves | inline"),
-            saver_nice=p("saver_nice", 5, "niceness of the saver process"),
-            streaming_encoding=p("streaming_encoding", True, "encode video frame by frame (no PNGs)"),
-            # joint_state without names: the names come from the first message
-            environment_state_names=(tuple(env_names) or None) if env_topic else (),
-        )
-        if topics == [""] or not topics:
-            topics = ["image"] if len(cameras) == 1 else [f"image_{c}" for c in cameras]
-        if len(topics) != len(cameras):
-            raise ValueError(f"image_topics ({len(topics)}) must name one topic per camera ({len(cameras)})")
-        for label, kind in (("action_type", self.action_type), ("environment_state_type", self.env_type)):
-            if kind not in ("joint_state", "float64_multi_array"):
-                raise ValueError(f"{label} must be joint_state or float64_multi_array, not {kind!r}")
-        if env_topic and self.env_type == "float64_multi_array" and not env_names:
-            raise ValueError(
-                "environment_state_names is required for a float64_multi_array environment state"
-            )
-        self.stop_waits = p(
-            "stop_waits_for_save", True, "stop_episode answers once saved (false: once sealed on disk)"
-        )
-        self.drain_timeout_s = p(
-            "stop_drain_timeout_s", 1.0, "[s] stop first takes the messages already queued, up to this long"
-        )
-        self.shutdown_save_timeout_s = p(
-            "shutdown_save_timeout_s", 300.0, "[s] on shutdown, wait this long for saves in flight"
-        )
-        # deep queues: the DDS threads keep receiving while Python is busy (GIL, a loaded machine), and
-        # whatever does not fit is lost (counted by sequence numbers). 1000 = 2 s of a 500 Hz arm driver.
-        depth = p("queue_depth", 1000, "queue depth of the joint state, action, reward topics (reliable)")
-        image_qos = QoSProfile(
-            depth=p("image_queue_depth", 60, "queue depth of the image topics (best effort): 2 s at 30 Hz"),
-            reliability=ReliabilityPolicy.BEST_EFFORT,
-            history=HistoryPolicy.KEEP_LAST,
-        )
-        self.recorder = EpisodeRecorder(cfg)
+        settings = read_parameters(self)
+        self.compressed = settings.compressed
+        self.stamp_source = settings.stamp_source
+        self.state_field = settings.state_field
+        self.action_field = settings.action_field
+        self.auto_stop_frames = settings.auto_stop_frames
+        self.timeout_s = settings.auto_stop_timeout_s
+        self.judge_params = settings.judge
+        self.nightly_params = settings.nightly
+        self.stop_waits = settings.stop_waits_for_save
+        self.drain_timeout_s = settings.stop_drain_timeout_s
+        self.shutdown_save_timeout_s = settings.shutdown_save_timeout_s
+        self.recorder = EpisodeRecorder(settings.recorder)
         self.recorder.on_saved = self._on_saved
         # per stream: messages received while recording (episode / since start), last callback time,
         # smallest and latest (receive time - header stamp): tells a backlog from fresh messages
-        self.streams: dict[str, _StreamStats] = {}
-        self.data_root = cfg.data_root
+        self.streams: dict[str, StreamStats] = {}
+        self.data_root = settings.recorder.data_root
         self.counters: dict[str, int] = {}
         self._counters_lock = threading.Lock()
         self._warned: set[str] = set()
@@ -282,39 +116,7 @@ class RefinementNode(Node):
         def own_group() -> MutuallyExclusiveCallbackGroup:
             return MutuallyExclusiveCallbackGroup()
 
-        image_type = CompressedImage if self.compressed else Image
-        self._subs = []
-        for cam, topic in zip(cameras, topics, strict=True):
-            self._subs.append(
-                self.create_subscription(
-                    image_type,
-                    topic,
-                    lambda msg, info, cam=cam: self._on_image(cam, msg, info),
-                    image_qos,
-                    callback_group=own_group(),
-                )
-            )
-        self._subs.append(
-            self.create_subscription(
-                JointState, "joint_states", self._on_state, depth, callback_group=own_group()
-            )
-        )
-        action_msg = JointState if self.action_type == "joint_state" else Float64MultiArray
-        self._subs.append(
-            self.create_subscription(action_msg, "action", self._on_action, depth, callback_group=own_group())
-        )
-        self._subs.append(
-            self.create_subscription(
-                RewardSignal, "reward", self._on_reward, depth, callback_group=own_group()
-            )
-        )
-        if env_topic:
-            env_msg = JointState if self.env_type == "joint_state" else Float64MultiArray
-            self._subs.append(
-                self.create_subscription(
-                    env_msg, env_topic, self._on_environment_state, depth, callback_group=own_group()
-                )
-            )
+        self._subscribe_inputs(settings, own_group)
         self.create_service(StartEpisode, "~/start_episode", self._start, callback_group=own_group())
         self.create_service(StopEpisode, "~/stop_episode", self._stop, callback_group=own_group())
         self.create_service(JudgeEpisode, "~/judge_episode", self._judge, callback_group=own_group())
@@ -323,105 +125,9 @@ class RefinementNode(Node):
         self.create_timer(0.1, self._auto_stop_check, callback_group=own_group())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=own_group())
-        self.get_logger().info(f"recording {list(cameras)} from {topics} into {self.data_root}")
-
-    # ------------------------------------------------------------------ parameters
-    def _param(self, name: str, default, description: str):
-        return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
-
-    # ------------------------------------------------------------------ callbacks: convert and append
-    def _stamp(self, header) -> float:
-        if self.stamp_source == "header" and (header.stamp.sec or header.stamp.nanosec):
-            return header.stamp.sec + header.stamp.nanosec * 1e-9
-        return self.get_clock().now().nanoseconds * 1e-9
-
-    def _received(self, stream: str, header, info) -> bool:
-        """Count a message of `stream`; False when no episode is recording (the message is ignored).
-
-        Sequence numbers are followed between episodes too, so a gap is not blamed on the wrong episode.
-        """
-        stats = self.streams.get(stream)
-        if stats is None:
-            stats = self.streams[stream] = _StreamStats()
-        gap = stats.sequence_gap(info)
-        if not self.recorder.recording:
-            if stats.late_for_stopped_episode(header):
-                self._count(
-                    f"late_{stream}",
-                    f"{stream}: a message of the stopped episode arrived after stop_episode (not recorded); "
-                    "the node was behind: raise stop_drain_timeout_s",
-                )
-            return False
-        stats.received(header, gap)
-        return True
-
-    def _on_image(self, camera: str, msg, info) -> None:
-        if not self._received(f"camera:{camera}", msg.header, info):
-            return
-        try:
-            rgb = compressed_msg_to_rgb(msg) if self.compressed else image_msg_to_rgb(msg)
-            self.recorder.add_image(camera, self._stamp(msg.header), rgb)
-        except ImageConversionError as exc:
-            self._count(f"image_{exc.kind}", f"camera {camera}: {exc}")
-        except ValueError as exc:
-            self._count("bad_image", f"camera {camera}: {exc}")
-
-    def _on_state(self, msg: JointState, info) -> None:
-        if not self._received("state", msg.header, info):
-            return
-        values = getattr(msg, self.state_field)
-        if len(values) == 0:
-            self._count("empty_joint_state", f"joint state without {self.state_field}")
-            return
-        try:
-            if not self.recorder.add_state(
-                self._stamp(msg.header), np.asarray(values), list(msg.name) or None
-            ):
-                self._count("nan_joint_state", "joint state with NaN/inf dropped")
-        except ValueError as exc:
-            self._count("bad_joint_state", str(exc))
-
-    def _on_action(self, msg, info) -> None:
-        self._on_vector("action", self.recorder.add_action, msg, info)
-
-    def _on_environment_state(self, msg, info) -> None:
-        self._on_vector("environment_state", self.recorder.add_environment_state, msg, info)
-
-    def _on_vector(self, kind: str, add, msg, info) -> None:
-        """Action or environment state: JointState (field `action_field`) or Float64MultiArray."""
-        if not self._received(kind, msg.header if isinstance(msg, JointState) else None, info):
-            return
-        if isinstance(msg, JointState):
-            values, names, stamp = (
-                getattr(msg, self.action_field),
-                list(msg.name) or None,
-                self._stamp(msg.header),
-            )
-        else:  # no header: stamped on receipt
-            values, names, stamp = msg.data, None, self.get_clock().now().nanoseconds * 1e-9
-        if len(values) == 0:
-            self._count(f"empty_{kind}", f"{kind} without values")
-            return
-        try:
-            if not add(stamp, np.asarray(values), names):
-                self._count(f"nan_{kind}", f"{kind} with NaN/inf dropped")
-        except ValueError as exc:
-            self._count(f"bad_{kind}", str(exc))
-
-    def _on_reward(self, msg: RewardSignal, info) -> None:
-        if not self._received("reward", msg.header, info):
-            return
-        self.recorder.add_reward(self._stamp(msg.header), msg.progress, msg.completion_prob, msg.reward)
-        self._completed_run = self._completed_run + 1 if msg.completed else 0
-        if self.auto_stop_frames > 0 and self._completed_run >= self.auto_stop_frames:
-            self._auto_stop_reason = f"auto-stop: completed held for {self._completed_run} reward messages"
-
-    def _count(self, kind: str, message: str) -> None:
-        with self._counters_lock:  # callbacks of different topics run on different threads
-            self.counters[kind] = self.counters.get(kind, 0) + 1
-        if kind not in self._warned:  # once per kind; the count is in /diagnostics
-            self._warned.add(kind)
-            self.get_logger().warning(f"{message} (further '{kind}' are only counted)")
+        self.get_logger().info(
+            f"recording {list(settings.cameras)} from {settings.image_topics} into {self.data_root}"
+        )
 
     # ------------------------------------------------------------------ services
     def _start(self, req: StartEpisode.Request, res: StartEpisode.Response) -> StartEpisode.Response:

@@ -33,6 +33,11 @@ messages of one stream may come out of stamp order; ``header.stamp`` always name
 A camera that stops simply gets no more rewards (nothing repeats) and turns WARN, later ERROR, in
 /diagnostics. With ``multi_camera: paired`` frames are joined side by side by approximate stamp and one
 reward per joined set is published (stream = the topics joined by '+'); frames that never pair are counted.
+
+Where the pieces live: ``reward_params`` (the parameter table, validation, the configs built from it),
+``reward_intake`` (camera subscriptions, conversion, pairing, the latest-wins slots), ``reward_publishing``
+(reward, completion and annotated messages, /diagnostics). This module is the node itself: state,
+lifecycle, the worker that calls the engine, the services and ``main``.
 """
 
 from __future__ import annotations
@@ -42,194 +47,37 @@ import math
 import sys
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import rclpy
-from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
-from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Bool, Header
 from std_srvs.srv import Trigger
 
-from lrm_interfaces.msg import RewardSignal
 from lrm_interfaces.srv import SetTask
-from lrm_reward.core.annotation import RewardOverlay, annotate_frame
-from lrm_reward.core.compiled_suffix import COMPILE_MODES
 from lrm_reward.core.frame_slots import LatestFrameSlots
-from lrm_reward.core.images import hstack_rgb
 from lrm_reward.core.pairing import ApproximateTimePairer
 from lrm_reward.core.serving_stats import FaultCounter, LatencyWindow, RateWindow
-from lrm_reward.core.tracking import ENGINE_ERROR_PREFIX, EpisodeTracker, FramePlan, TrackerConfig, ask_engine
-from lrm_reward.core.types import Modality, Readout, RewardResult
-from lrm_reward.ros.diagnostics import ModelHealth, StreamHealth, build_diagnostics
-from lrm_reward.ros.image_conversion import (
-    ImageConversionError,
-    compressed_msg_to_rgb,
-    image_msg_to_rgb,
-    rgb_to_image_msg,
-)
+from lrm_reward.core.tracking import ENGINE_ERROR_PREFIX, EpisodeTracker, TrackerConfig, ask_engine
 from lrm_reward.ros.log_bridge import forward_core_logging
+from lrm_reward.ros.reward_intake import FrameIntakeMixin, PendingFrame, Stream
+from lrm_reward.ros.reward_params import (
+    CONFIGURE_PARAMETERS,
+    PARAMETERS,
+    TRACKER_PARAMETERS,
+    check_parameter,
+    check_task,
+    engine_config_from,
+    tracker_config_from,
+)
+from lrm_reward.ros.reward_publishing import RewardOutputsMixin
 from lrm_reward.ros.spinning import spin_until_shutdown
 
 NODE_NAME = "reward_node"
-MULTI_CAMERA_MODES = ("per_camera", "paired")
-READOUTS = tuple(r.value for r in Readout)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODALITY_NAMES = tuple(m.value for m in Modality)
 DIAGNOSTICS_PERIOD_S = 1.0
 WORKER_POLL_S = 0.2  # the worker re-checks for shutdown this often when no frame comes
-SCORED_STAMPS_KEPT = 16  # per stream: exact stamps of recently queried frames, for scored_stamp
-
-# Parameters that change how frames are scored: a change starts a new episode with the new settings.
-TRACKER_PARAMETERS = (
-    "modalities",
-    "interval_frames",
-    "interval_s",
-    "between",
-    "weights.progress",
-    "weights.contrastive",
-    "weights.completion",
-    "completion_threshold",
-    "completion_debounce",
-    "chain_of_thought",
-)
-# Parameters read at configure: a change applies after cleanup + configure.
-CONFIGURE_PARAMETERS = ("image_topics", "compressed", "multi_camera", "pair_slop_s")
-
-
-def _describe(text: str, read_only: bool = False, dynamic: bool = False) -> ParameterDescriptor:
-    return ParameterDescriptor(description=text, read_only=read_only, dynamic_typing=dynamic)
-
-
-# name -> (default, descriptor). Declared once, in this order; config/reward_node.yaml mirrors it.
-PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
-    "autostart": (
-        True,
-        _describe("configure + activate at startup (false: wait for a lifecycle manager)", read_only=True),
-    ),
-    "task": ("", _describe("task text the model scores against; a change starts a new episode")),
-    "image_topics": (
-        ["image"],
-        _describe("camera topics to subscribe to (generic names, remapped in launch); applied at configure"),
-    ),
-    "compressed": (
-        False,
-        _describe(
-            "topics carry sensor_msgs/CompressedImage: one bool for all, or one per image_topics entry; "
-            "applied at configure",
-            dynamic=True,
-        ),
-    ),
-    "multi_camera": (
-        "per_camera",
-        _describe("several cameras: 'per_camera' (one reward stream each) or 'paired' (joined side by side)"),
-    ),
-    "pair_slop_s": (
-        0.05,
-        _describe("[s] max stamp difference of frames joined in 'paired' mode; applied at configure"),
-    ),
-    "model.base": (
-        "Qwen/Qwen3-VL-8B-Instruct",
-        _describe("base Qwen3-VL checkpoint: local folder or Hub id", read_only=True),
-    ),
-    "model.adapters.progress": (
-        "",
-        _describe("progress LoRA adapter folder / Hub id ('' = none)", read_only=True),
-    ),
-    "model.adapters.contrastive": (
-        "",
-        _describe("contrastive LoRA adapter folder / Hub id ('' = none)", read_only=True),
-    ),
-    "model.adapters.completion": (
-        "",
-        _describe("completion LoRA adapter folder / Hub id ('' = none)", read_only=True),
-    ),
-    "model.processor": (
-        "",
-        _describe(
-            "processor (tokenizer + image processor) folder / Hub id; '' = the base, else an adapter folder",
-            read_only=True,
-        ),
-    ),
-    "model.backend": (
-        "local",
-        _describe("engine backend: 'local' (in-process transformers)", read_only=True),
-    ),
-    "model.readout": ("logits", _describe(f"how answers are read: one of {READOUTS}", read_only=True)),
-    "model.device": ("cuda", _describe("torch device: cpu, cuda, cuda:1, ...", read_only=True)),
-    "model.dtype": ("auto", _describe(f"weights dtype: one of {DTYPES}", read_only=True)),
-    "model.attn_implementation": (
-        "",
-        _describe("'' (default), 'sdpa', 'flash_attention_2', ...", read_only=True),
-    ),
-    "model.max_batch_size": (8, _describe("largest batch one engine forward takes", read_only=True)),
-    "model.fast_path": (
-        True,
-        _describe("reuse each episode prompt-prefix KV cache; false = plain path", read_only=True),
-    ),
-    "model.compile": (
-        "off",
-        _describe(f"static suffix pass, one of {COMPILE_MODES} (GPU)", read_only=True),
-    ),
-    "model.local_files_only": (
-        True,
-        _describe("never download: Hub ids must already be in the local cache", read_only=True),
-    ),
-    "modalities": (
-        ["progress", "completion"],
-        _describe(f"adapters asked on a queried frame, of {MODALITY_NAMES}"),
-    ),
-    "interval_frames": (10, _describe("query the model every k frames (paper: k=10)")),
-    "interval_s": (
-        0.0,
-        _describe("[s] query every T seconds of stamp time instead; 0 = use interval_frames"),
-    ),
-    "between": (
-        "hold",
-        _describe("between queries: 'hold' repeats the last values, 'zero' zeros the reward"),
-    ),
-    "weights.progress": (1.0, _describe("fusion weight of progress (>= 0)")),
-    "weights.contrastive": (1.0, _describe("fusion weight of contrastive (>= 0)")),
-    "weights.completion": (1.0, _describe("fusion weight of completion (>= 0)")),
-    "completion_threshold": (0.5, _describe("P(done) at or above this counts as done, in [0, 1]")),
-    "completion_debounce": (
-        3,
-        _describe("consecutive queries on one side of the threshold to flip completed"),
-    ),
-    "chain_of_thought": (False, _describe("contrastive step-by-step reasoning (generate readout; slow)")),
-    "max_task_chars": (
-        2000,
-        _describe("longest task text accepted (also the engine's limit)", read_only=True),
-    ),
-    "camera_timeout_s": (
-        2.0,
-        _describe("[s] a camera silent this long turns WARN in /diagnostics (ERROR at 3x)"),
-    ),
-    "batch_window_s": (
-        0.005,
-        _describe(
-            "[s] several cameras: wait up to this long for the others' due frames to share one model call"
-        ),
-    ),
-    "publish_annotated": (True, _describe("publish ~/annotated (drawn only while it has subscribers)")),
-}
-
-
-def stamp_to_s(stamp: Time) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
-def s_to_stamp(seconds: float) -> Time:
-    total_ns = round(seconds * 1e9)
-    return Time(sec=total_ns // 1_000_000_000, nanosec=total_ns % 1_000_000_000)
 
 
 def engine_fault_kind(error: str) -> str:
@@ -237,30 +85,7 @@ def engine_fault_kind(error: str) -> str:
     return "out_of_memory" if "out of memory" in error.lower() else "engine_error"
 
 
-@dataclass
-class Stream:
-    """One reward stream: a camera (or the joined cameras) with its tracker and counters."""
-
-    name: str
-    topics: list[str]
-    compressed: list[bool]
-    tracker: EpisodeTracker | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)  # guards tracker and scored_stamps
-    scored_stamps: OrderedDict[float, Time] = field(default_factory=OrderedDict)
-    frames_in: int = 0
-    rate: RateWindow = field(default_factory=RateWindow)
-
-
-@dataclass
-class PendingFrame:
-    stream: Stream
-    plan: FramePlan
-    header: Header
-    rgb: np.ndarray
-    received_s: float  # monotonic time the frame arrived
-
-
-class RewardNode(LifecycleNode):
+class RewardNode(FrameIntakeMixin, RewardOutputsMixin, LifecycleNode):
     """See the module docstring; ``engine_factory`` (default make_engine) lets benchmarks fake the model."""
 
     def __init__(self, engine_factory=None, **kwargs) -> None:
@@ -317,74 +142,14 @@ class RewardNode(LifecycleNode):
         """TrackerConfig from the current parameters (with overrides); raises ValueError when invalid."""
         values = {name: self._param(name) for name in TRACKER_PARAMETERS}
         values.update(overrides or {})
-        modalities = tuple(values["modalities"] or ())
-        weights = {m: float(values[f"weights.{m}"]) for m in modalities if f"weights.{m}" in values}
-        interval_s = float(values["interval_s"])
-        if interval_s < 0:
-            raise ValueError(f"interval_s must be >= 0 (0 = use interval_frames), got {interval_s}")
-        return TrackerConfig(
-            modalities=modalities,
-            interval_frames=values["interval_frames"],
-            interval_s=interval_s if interval_s > 0 else None,
-            between=values["between"],
-            weights=weights,
-            completion_threshold=float(values["completion_threshold"]),
-            completion_debounce=values["completion_debounce"],
-            chain_of_thought=values["chain_of_thought"],
-        )
-
-    def _check_value(self, name: str, value: Any, pending: dict[str, Any]) -> str | None:
-        """Why value is not acceptable for parameter name, or None."""
-        if name == "task":
-            if not value.strip() and self._task.strip():
-                return "task must not be empty once set (the node keeps scoring the current task)"
-            return self._check_task(value, pending.get("max_task_chars", self._param("max_task_chars")))
-        if name == "image_topics":
-            if not value or any(not str(t).strip() for t in value):
-                return "image_topics must list at least one non-empty topic name"
-            if len(set(value)) != len(value):
-                return f"image_topics must not repeat: {list(value)}"
-        if name == "compressed":
-            topics = pending.get("image_topics", self._param("image_topics"))
-            if isinstance(value, bool):
-                return None
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, bool) for v in value):
-                return "compressed must be a bool or a list of bools"
-            if len(value) != len(topics):
-                return f"compressed lists {len(value)} values for {len(topics)} image_topics"
-        if name == "multi_camera" and value not in MULTI_CAMERA_MODES:
-            return f"multi_camera must be one of {MULTI_CAMERA_MODES}, got {value!r}"
-        if name == "pair_slop_s" and not (math.isfinite(value) and value >= 0):
-            return f"pair_slop_s must be a finite number >= 0, got {value}"
-        if name == "max_task_chars" and value < 1:
-            return f"max_task_chars must be >= 1, got {value}"
-        if name == "batch_window_s" and not (math.isfinite(value) and 0 <= value <= 1):
-            return f"batch_window_s must be in [0, 1] s, got {value}"
-        if name == "camera_timeout_s" and not (math.isfinite(value) and value > 0):
-            return f"camera_timeout_s must be a finite number > 0, got {value}"
-        if name == "model.readout" and value not in READOUTS:
-            return f"model.readout must be one of {READOUTS}, got {value!r}"
-        if name == "model.dtype" and value not in DTYPES:
-            return f"model.dtype must be one of {DTYPES}, got {value!r}"
-        if name == "model.compile" and value not in COMPILE_MODES:
-            return f"model.compile must be one of {COMPILE_MODES}, got {value!r}"
-        if name == "model.max_batch_size" and value < 1:
-            return f"model.max_batch_size must be >= 1, got {value}"
-        if name == "model.base" and not str(value).strip():
-            return "model.base must name a checkpoint folder or Hub id"
-        return None
-
-    def _check_task(self, task: str, max_chars: int) -> str | None:
-        if len(task) > max_chars:
-            return f"task is {len(task)} characters, more than max_task_chars={max_chars}"
-        return None  # empty is allowed here: it means "no task yet"; ~/set_task rejects it
+        return tracker_config_from(values)
 
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
         pending = {p.name: p.value for p in params}
         for p in params:
             if p.name not in PARAMETERS:
                 continue  # not ours (qos_overrides.*, use_sim_time): others validate those
-            reason = self._check_value(p.name, p.value, pending)
+            reason = check_parameter(p.name, p.value, pending, self._param, self._task)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         if any(name in TRACKER_PARAMETERS for name in pending):
@@ -413,7 +178,7 @@ class RewardNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         pending = {name: self._param(name) for name in PARAMETERS}
         for name, value in pending.items():
-            reason = self._check_value(name, value, pending)
+            reason = check_parameter(name, value, pending, self._param, self._task)
             if reason:
                 self.get_logger().error(f"configure failed: parameter {name}: {reason}")
                 return TransitionCallbackReturn.FAILURE
@@ -423,7 +188,7 @@ class RewardNode(LifecycleNode):
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         try:
-            engine_cfg = self._engine_config()
+            engine_cfg = engine_config_from(self._param)
             factory = self._engine_factory or _default_engine_factory()
             self.get_logger().info(f"loading reward model {engine_cfg.base_model} on {engine_cfg.device} ...")
             started = time.monotonic()
@@ -439,42 +204,12 @@ class RewardNode(LifecycleNode):
 
         self._task = self._param("task")
         self._build_streams(tracker_cfg)
-        # Deep reliable history: a plotting tool or recorder that stalls for a moment must not lose rewards
-        # or completion flags (with 10, a stalled test subscriber lost 5 of 40 flags in CI)
-        self._reward_pub = self.create_lifecycle_publisher(RewardSignal, "~/reward", 1000)
-        self._completed_pub = self.create_lifecycle_publisher(Bool, "~/completed", 1000)
-        self._annotated_pub = self.create_lifecycle_publisher(
-            Image,
-            "~/annotated",
-            qos_profile_sensor_data,
-            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-        )
+        self._create_output_publishers()
         if not self._task.strip():
             self.get_logger().warning(
                 "no task yet: frames are not scored until ~/set_task or the task parameter"
             )
         return super().on_configure(state)
-
-    def _engine_config(self):
-        from lrm_reward.core.engine import EngineConfig
-
-        adapters = {m: self._param(f"model.adapters.{m}") for m in MODALITY_NAMES}
-        adapters = {m: path for m, path in adapters.items() if path}
-        return EngineConfig(
-            base_model=self._param("model.base"),
-            adapters=adapters or None,
-            readout=Readout(self._param("model.readout")),
-            device=self._param("model.device"),
-            dtype=self._param("model.dtype"),
-            attn_implementation=self._param("model.attn_implementation") or None,
-            max_batch_size=self._param("model.max_batch_size"),
-            fast_path=self._param("model.fast_path"),
-            compile=self._param("model.compile"),
-            local_files_only=self._param("model.local_files_only"),
-            backend=self._param("model.backend"),
-            processor=self._param("model.processor") or None,
-            max_task_chars=self._param("max_task_chars"),
-        )
 
     def _build_streams(self, tracker_cfg: TrackerConfig) -> None:
         topics = list(self._param("image_topics"))
@@ -499,22 +234,7 @@ class RewardNode(LifecycleNode):
         self._slots.reopen()
         self._worker = threading.Thread(target=self._work, name="reward_worker", daemon=True)
         self._worker.start()
-        for stream in self._streams:
-            topic, compressed = stream.topics[0], stream.compressed[0]
-            msg_type = CompressedImage if compressed else Image
-
-            def callback(msg, stream=stream, compressed=compressed):
-                self._on_frame(stream, msg, compressed)
-
-            self._image_subscriptions.append(
-                self.create_subscription(
-                    msg_type,
-                    topic,
-                    callback,
-                    qos_profile_sensor_data,
-                    qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-                )
-            )
+        self._subscribe_cameras()
         self._activated_at = time.monotonic()
         self._last_frame_s.clear()
         self._active.set()
@@ -560,10 +280,7 @@ class RewardNode(LifecycleNode):
             except Exception as exc:  # cleanup goes on even if the backend complains
                 self.get_logger().error(f"engine close failed: {exc}")
             self._engine = None
-        for pub in (self._reward_pub, self._completed_pub, self._annotated_pub):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-        self._reward_pub = self._completed_pub = self._annotated_pub = None
+        self._destroy_output_publishers()
         self._streams = []
         self._paired = None
         self._pairer = None
@@ -580,7 +297,11 @@ class RewardNode(LifecycleNode):
                 self._engine.close()
             self._engine = None
 
-    # -- frames in -----------------------------------------------------------------------------------
+    def _state_label(self) -> str:
+        # The state machine's label ("unconfigured", "inactive", "active", ...).
+        return self._state_machine.current_state[1]
+
+    # -- faults and notices --------------------------------------------------------------------------
 
     def _fault(self, kind: str, message: str) -> None:
         """Something went wrong: count it, keep it as the last error, log the first of each kind."""
@@ -591,73 +312,6 @@ class RewardNode(LifecycleNode):
         """Something worth knowing but not an error (drops, unparsed answers): counted, logged once."""
         if self._notices.report(kind, message):
             self.get_logger().warning(f"{kind}: {message} (logged once; counted in /diagnostics)")
-
-    def _on_frame(self, stream: Stream, msg: Image | CompressedImage, compressed: bool) -> None:
-        received = time.monotonic()
-        if not self._active.is_set():
-            return
-        with self._counts_lock:
-            self._frames_in += 1
-        stream.frames_in += 1
-        stream.rate.add()
-        self._last_frame_s[stream.name] = received
-        try:
-            rgb = compressed_msg_to_rgb(msg) if compressed else image_msg_to_rgb(msg)
-        except ImageConversionError as exc:
-            self._fault(f"conversion:{exc.kind}", f"{stream.name}: {exc}")
-            return
-        except Exception as exc:  # a converter bug must not kill the callback
-            self._fault("conversion:unexpected", f"{stream.name}: {type(exc).__name__}: {exc}")
-            return
-        if self._pairer is None:
-            self._handle_frame(stream, msg.header, rgb, received)
-            return
-        with self._pair_lock:
-            dropped_before = sum(self._pairer.dropped.values())
-            joined = self._pairer.push(stream.name, stamp_to_s(msg.header.stamp), (msg.header, rgb, received))
-            unpaired = sum(self._pairer.dropped.values()) - dropped_before
-        if unpaired:
-            self._unpaired += unpaired
-            self._notice(
-                "unpaired", f"frames without a partner within pair_slop_s={self._param('pair_slop_s')}"
-            )
-        if joined is None:
-            return
-        parts = [joined.items[s.name] for s in self._streams]
-        newest = max(parts, key=lambda part: stamp_to_s(part[0].stamp))
-        try:
-            rgb = hstack_rgb([part[1] for part in parts])
-        except ValueError as exc:
-            self._fault("conversion:join", str(exc))
-            return
-        self._handle_frame(self._paired, newest[0], rgb, min(part[2] for part in parts))
-
-    def _handle_frame(self, stream: Stream, header: Header, rgb: np.ndarray, received: float) -> None:
-        stamp_s = stamp_to_s(header.stamp)
-        held: RewardResult | None = None
-        with stream.lock:
-            tracker = stream.tracker
-            if tracker is None:
-                self._notice("no_task", "frames arrive but there is no task: call ~/set_task")
-                return
-            plan = tracker.plan(rgb, stamp_s)
-            if plan.queries:
-                self._remember_scored_stamp(stream, stamp_s, header.stamp)
-            else:
-                held = tracker.update(plan, [])
-        if held is not None:
-            self._publish(stream, header, rgb, held, received, model_s=0.0)
-            return
-        replaced = self._slots.put(stream.name, PendingFrame(stream, plan, header, rgb, received))
-        if replaced is not None:
-            self._publish_dropped(replaced)
-
-    @staticmethod
-    def _remember_scored_stamp(stream: Stream, stamp_s: float, stamp: Time) -> None:
-        # scored_stamp comes back from the tracker as float seconds; keep the exact message stamp.
-        stream.scored_stamps[stamp_s] = stamp
-        while len(stream.scored_stamps) > SCORED_STAMPS_KEPT:
-            stream.scored_stamps.popitem(last=False)
 
     # -- worker --------------------------------------------------------------------------------------
 
@@ -715,136 +369,6 @@ class RewardNode(LifecycleNode):
                 result = tracker.update(item.plan, frame_answers)
             self._publish(item.stream, item.header, item.rgb, result, item.received_s, model_s=model_s)
 
-    def _publish_dropped(self, item: PendingFrame) -> None:
-        with self._counts_lock:
-            self._dropped += 1
-        self._notice(
-            "dropped", "a frame due for scoring was replaced by a newer one while the model was busy"
-        )
-        with item.stream.lock:
-            tracker = item.stream.tracker
-            if tracker is None:
-                return
-            result = tracker.dropped(item.plan)
-        self._publish(item.stream, item.header, item.rgb, result, item.received_s, model_s=0.0)
-
-    # -- outputs -------------------------------------------------------------------------------------
-
-    def _publish(
-        self,
-        stream: Stream,
-        header: Header,
-        rgb: np.ndarray,
-        result: RewardResult,
-        received: float,
-        model_s: float,
-    ) -> None:
-        pub = self._reward_pub
-        if pub is None:
-            return
-        msg = RewardSignal()
-        msg.header = header
-        with stream.lock:
-            exact = stream.scored_stamps.get(result.scored_stamp_s)
-        if exact is not None:
-            msg.scored_stamp = exact
-        elif math.isfinite(result.scored_stamp_s):
-            msg.scored_stamp = s_to_stamp(result.scored_stamp_s)
-        # else: nothing scored yet in this episode -> scored_stamp stays zero
-        msg.stream = stream.name
-        msg.task = stream.tracker.task if stream.tracker is not None else self._task
-        msg.episode_id = result.episode_id
-        msg.frame_index = result.frame_index
-        msg.progress = result.progress
-        msg.contrastive = result.contrastive
-        msg.completion_prob = result.completion_prob
-        msg.completed = result.completed
-        msg.reward = result.reward
-        msg.held = result.held
-        msg.queried = result.queried
-        msg.unparsed = result.unparsed
-        msg.model_id = self._model_id
-        msg.query_latency = result.latency_s
-        pub.publish(msg)
-        if self._completed_pub is not None:
-            self._completed_pub.publish(Bool(data=result.completed))
-        self._overhead.add(max(0.0, time.monotonic() - received - model_s))
-        with self._counts_lock:
-            self._rewards_out += 1
-        self._publish_annotated(header, rgb, msg, result)
-
-    def _publish_annotated(
-        self, header: Header, rgb: np.ndarray, msg: RewardSignal, result: RewardResult
-    ) -> None:
-        pub = self._annotated_pub
-        if pub is None or not self._param("publish_annotated") or pub.get_subscription_count() == 0:
-            return
-        overlay = RewardOverlay(
-            task=msg.task,
-            progress=result.progress,
-            completion_prob=result.completion_prob,
-            completed=result.completed,
-            reward=result.reward,
-            held=result.held,
-            latency_s=result.latency_s,
-            episode_id=result.episode_id,
-            frame_index=result.frame_index,
-            reasoning=result.reasoning if self._param("chain_of_thought") else "",
-        )
-        try:
-            pub.publish(rgb_to_image_msg(annotate_frame(rgb, overlay), header))
-        except Exception as exc:  # the picture is optional, the reward is not
-            self._fault("annotation", f"{type(exc).__name__}: {exc}")
-
-    def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        active = self._active.is_set()
-        streams = []
-        for stream in self._streams:
-            last = self._last_frame_s.get(stream.name, self._activated_at)
-            streams.append(
-                StreamHealth(
-                    stream.name, stream.frames_in, now - last if active else None, stream.rate.rate()
-                )
-            )
-        faults = self._faults.snapshot()
-        conversion = {k.split(":", 1)[1]: n for k, n in faults.counts.items() if k.startswith("conversion:")}
-        engine = {k: n for k, n in faults.counts.items() if k in ("engine_error", "out_of_memory")}
-        trackers = [s.tracker for s in self._scoring_streams() if s.tracker is not None]
-        with self._counts_lock:
-            health = ModelHealth(
-                lifecycle_state=self._state_label(),
-                loaded=self._engine is not None,
-                model_id=self._model_id,
-                load_error=self._load_error,
-                task=self._task,
-                episode_id=max((t.episode_id for t in trackers), default=0),
-                query_rate_hz=self._query_rate.rate(),
-                scored_rate_hz=self._scored_rate.rate(),
-                latency_p50_s=self._model_latency.percentile(50),
-                latency_p95_s=self._model_latency.percentile(95),
-                overhead_p50_s=self._overhead.percentile(50),
-                overhead_p95_s=self._overhead.percentile(95),
-                frames_in=self._frames_in,
-                rewards_out=self._rewards_out,
-                dropped_frames=self._dropped,
-                unpaired_frames=self._unpaired,
-                unparsed_answers=self._unparsed,
-                conversion_errors=conversion,
-                engine_errors=engine,
-                engine_error_age_s=time.monotonic() - self._last_engine_error_s,
-                last_error=f"{faults.last_kind}: {faults.last_message}" if faults.last_kind else "",
-            )
-        stamp = self.get_clock().now().to_msg()
-        array = build_diagnostics(self.get_name(), health, streams, self._param("camera_timeout_s"), stamp)
-        if getattr(self._engine, "base_only", False):
-            _flag_base_only(array.status[0])
-        self._diagnostics_pub.publish(array)
-
-    def _state_label(self) -> str:
-        # The state machine's label ("unconfigured", "inactive", "active", ...).
-        return self._state_machine.current_state[1]
-
     # -- services ------------------------------------------------------------------------------------
 
     def _on_set_task(self, request: SetTask.Request, response: SetTask.Response) -> SetTask.Response:
@@ -857,7 +381,7 @@ class RewardNode(LifecycleNode):
             response.result = SetTask.Response.RESULT_EMPTY_TASK
             response.message = "task is empty" if not request.reset_only else "no task set yet to reset"
             return response
-        reason = self._check_task(task, self._param("max_task_chars"))
+        reason = check_task(task, self._param("max_task_chars"))
         if reason:
             response.result = SetTask.Response.RESULT_TASK_TOO_LONG
             response.message = reason
@@ -912,16 +436,6 @@ class RewardNode(LifecycleNode):
                 self._pairer.reset()
         self.get_logger().info(f"episode {episode}: task {self._task[:80]!r}")
         return episode
-
-
-BASE_ONLY = "base model only, not a reward model"
-
-
-def _flag_base_only(status: DiagnosticStatus) -> None:
-    """No adapters loaded (model.adapters.* empty): the model status says so, at WARN or worse."""
-    status.level = max(status.level, DiagnosticStatus.WARN)
-    status.message = f"{BASE_ONLY} (no adapters configured); {status.message}"
-    status.values.append(KeyValue(key="adapters", value=f"none: {BASE_ONLY}"))
 
 
 def _default_engine_factory():
