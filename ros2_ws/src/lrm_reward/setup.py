@@ -38,6 +38,7 @@ setup(
             "reward_node = lrm_reward.ros.reward_node:main",
             "refinement_node = lrm_reward.ros.refinement_node:main",
             "sim_robot_node = lrm_reward.ros.sim_robot_node:main",
+            "policy_node = lrm_reward.ros.policy_node:main",
             "lrm-judge = lrm_reward.refinement.judge:main",
             "lrm-refine = lrm_reward.refinement.refine:main",
             "lrm-policy = lrm_reward.refinement.policy_cli:main",

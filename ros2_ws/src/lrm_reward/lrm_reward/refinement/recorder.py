@@ -59,6 +59,12 @@ from lrm_reward.refinement.episode_saver import (
     try_recover,
 )
 from lrm_reward.refinement.episode_spool import CameraSpool, SpoolStorageError, VectorLog
+from lrm_reward.refinement.feature_topics import (  # topic -> feature: one definition, shared with the policy
+    ACTION_KEY,
+    ENV_STATE_KEY,
+    IMAGE_KEY_PREFIX,
+    STATE_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +72,6 @@ RECORDER_VERSION = "lrm-recorder/1"
 SIDECAR_SCHEMA = "lrm.episode/1"
 SIDECAR_DIR = "recording"
 REPO_PREFIX = "lrm"  # local repo_id = "lrm/<dataset name>"; never pushed anywhere
-STATE_KEY = "observation.state"
-ENV_STATE_KEY = "observation.environment_state"
-ACTION_KEY = "action"
-IMAGE_KEY_PREFIX = "observation.images."
 REWARD_KEYS = ("reward.progress", "reward.completion", "reward.fused")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -14,8 +14,8 @@ dx, dy, dz, grasp: the action the sim executed, stamped like the frame it was ch
 pairs observation k with action k),
 ``~/success`` (std_msgs/Bool, latched: the simulator's ground truth at the end of each episode) and
 ``~/episode_result`` (std_msgs/String, latched JSON: episode, seed, success, steps, controller, first and
-last frame stamps). Topic in: ``action`` (std_msgs/Float64MultiArray ``[dx, dy, dz, grasp]``), used when
-``controller`` is ``external``: one step per received action.
+last frame stamps, policy path and version). Topic in: ``action`` (std_msgs/Float64MultiArray
+``[dx, dy, dz, grasp]``), used when ``controller`` is ``external``: one step per received action.
 
 Services (std_srvs/Trigger): ``~/start_episode`` resets the scene with the next seed (``seed`` +
 episodes started since ``seed`` was last set) and runs it with the configured controller until success,
@@ -24,9 +24,10 @@ not successful); ``~/reset`` resets without running (publishes the first frame);
 answers the JSON of the last finished episode (success false while one runs), for clients that poll.
 
 Controllers: ``expert`` (the noisy scripted expert, ``expert.action_sigma`` / ``expert.grasp_offset_m``),
-``policy`` (a LeRobot policy checkpoint: a ``pretrained_model`` folder or a policy store version such as
-``policies/act_pick/current``, reloaded when ``policy_path`` changes; it is fed the recorded feature names
-it reads: ``observation.images.front``, ``observation.state``, ``observation.environment_state``, see
+``policy`` (a LeRobot policy checkpoint: a ``pretrained_model`` folder, a store version, or
+``policies/act_pick[/current]``, whose newly promoted version acts from the next episode on; reloaded
+when ``policy_path`` changes; it is fed the recorded feature names it reads: ``observation.images.front``,
+``observation.state``, ``observation.environment_state``; the same PolicyRunner as policy_node, see
 ``lrm_reward.sim.policy_controller``), ``external`` (the ``action`` topic).
 
 Time: with ``rate_hz`` 0 the sim runs as fast as it renders and every message is stamped with simulated
@@ -155,6 +156,7 @@ class SimRobotNode(Node):
         self._seed_offset = 0
         self._last_stamp = 0.0
         self._policy: LeRobotPolicyController | None = None
+        self._policy_setting: tuple[str, str] = ("", "")
         self._expert: NoisyExpert | None = None
         self.get_logger().info(
             f"SO-101 pick-and-place sim ready ({self.scene_cfg.image_size}px, MUJOCO_GL="
@@ -287,12 +289,18 @@ class SimRobotNode(Node):
                 self._expert = NoisyExpert(noise)
             return kind, self._expert
         if kind == "policy":
-            path = Path(str(self.get_parameter("policy_path").value)).expanduser()
-            if not str(self.get_parameter("policy_path").value):
+            setting = str(self.get_parameter("policy_path").value)
+            if not setting:
                 raise ValueError("controller 'policy' needs the policy_path parameter")
-            if self._policy is None or self._policy.path != path.resolve():
-                self.get_logger().info(f"loading policy {path.resolve()}")
-                self._policy = LeRobotPolicyController(path, str(self.get_parameter("policy_device").value))
+            device = str(self.get_parameter("policy_device").value)
+            # Same path: keep the runner; a store's newly promoted `current` is picked up at reset()
+            # (the next episode), by the same code as policy_node.
+            if self._policy is None or self._policy_setting != (setting, device):
+                path = Path(setting).expanduser()
+                self.get_logger().info(f"loading policy {path}")
+                self._policy = LeRobotPolicyController(path, device)
+                self._policy_setting = (setting, device)
+                self.get_logger().info(f"policy {self._policy.version} loaded")
             return kind, self._policy
         return kind, None
 
@@ -308,6 +316,8 @@ class SimRobotNode(Node):
         state = self.scene.reset(seed)
         if controller is not None:
             controller.reset(seed)
+            if getattr(controller, "switch_message", ""):
+                self.get_logger().info(f"episode {self._episode}: {controller.switch_message}")
         self._external_event.clear()
         t0 = self._next_episode_start()
         first_stamp = t0
@@ -376,6 +386,7 @@ class SimRobotNode(Node):
             "last_stamp": float(last),
             "note": note,
             "policy_path": str(self._policy.path) if controller == "policy" and self._policy else "",
+            "policy_version": self._policy.version if controller == "policy" and self._policy else "",
         }
         self._last_result = json.dumps(result)
         self._result_pub.publish(String(data=self._last_result))
