@@ -32,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -247,17 +246,7 @@ def collect_demos(out: Path, s: DemoSettings) -> dict:
 def tiny_base_model() -> Path:
     from lrm_reward.core import tiny_model
 
-    key = hashlib.sha256(Path(tiny_model.__file__).read_bytes()).hexdigest()[:16]
-    final = TINY_CACHE / key  # shared with the test suite's tiny_lrm fixture
-    if not final.is_dir():
-        TINY_CACHE.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=TINY_CACHE))
-        tiny_model.build_tiny_lrm(scratch, seed=0)
-        try:
-            scratch.rename(final)
-        except OSError:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return tiny_model.build_tiny_lrm(final, seed=0).base
+    return tiny_model.cached_tiny_lrm(TINY_CACHE, seed=0).base  # the test suite's tiny_lrm uses it too
 
 
 def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:

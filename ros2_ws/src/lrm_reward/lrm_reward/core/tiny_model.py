@@ -4,9 +4,13 @@ What this is for: tests, the demo and the CPU benchmark need something that load
 code path as ``Qwen/Qwen3-VL-8B-Instruct`` + ``USC-PSI-Lab/LRM-models`` (a saved Qwen3-VL folder with
 tokenizer, processor and chat template; three PEFT LoRA folders, progress carrying ``modules_to_save`` for
 the vision tower) without downloading anything. The base model is taught the three JSON answer formats for
-a few seconds (answers follow the brightness of the frames), so greedy generation emits parseable answers
-and the logits readout sees non-trivial, image-dependent distributions. The adapters are random LoRA
+under a minute (answers follow how far a bright bar fills the frame), so greedy generation emits parseable
+answers and the logits readout sees confident, image-dependent distributions. The adapters are random LoRA
 weights with non-zero ``lora_B`` (like trained ones) small enough to keep the answer format.
+
+Taught well, not barely: the build's float rounding differs from CPU to CPU (AVX2 / AVX-512 kernels, MKL
+code paths), so the taught model differs too; tests that rely on what it learned hold on any of them only
+if every seed learns all three rules with room to spare (see ``teach_answer_format``).
 
 What it is not: a reward model. Its answers mean nothing about robots. Also not used at run time by nodes.
 Heavy imports (torch, transformers, peft, tokenizers) happen inside functions.
@@ -24,8 +28,10 @@ import numpy as np
 from lrm_reward.core import prompts
 from lrm_reward.core.types import Modality
 
-TINY_FORMAT_VERSION = 2  # bump when the build changes: a folder with another version is rebuilt
+TINY_FORMAT_VERSION = 3  # bump when the build changes: a folder with another version is rebuilt
 _MARKER = "tiny_lrm.json"
+# What else shapes a built model: the libraries that ran the build (a folder built with others is rebuilt).
+BUILD_LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy")
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -51,7 +57,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# progress is taught on every 0.1 level, answering the nearest of three values: multi-token answers, and no
+# level a test asks about lies between two answers
 PROGRESS_TRAINING_LEVELS = (0.0, 0.5, 1.0)
+CONTRASTIVE_MIN_GAP = 0.2  # closer pairs can swap order under the per-frame tint: contradictory labels
 TINY_TASKS = (
     "put the carrot on the plate",
     "open the top drawer",
@@ -80,7 +89,7 @@ def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
     base = root / "base"
     adapters = {m.value: root / m.value for m in ADAPTER_ORDER}
     marker = root / _MARKER
-    expected = {"version": TINY_FORMAT_VERSION, "seed": seed}
+    expected = {"version": TINY_FORMAT_VERSION, "seed": seed, "libraries": library_versions()}
     if (
         marker.is_file()
         and _read_json(marker) == expected
@@ -113,6 +122,52 @@ def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
         torch.set_num_threads(threads)
     marker.write_text(json.dumps(expected))
     return TinyLrm(base=base, adapters=adapters)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a build depends on (from package metadata: nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in BUILD_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def cache_key(seed: int = 0) -> str:
+    """Folder name for a shared cache of built tiny models (tests, demo): changes with this file's source,
+    the build format, the seed and the versions of the libraries that run the build."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    build = {"version": TINY_FORMAT_VERSION, "seed": seed, "libraries": library_versions()}
+    digest.update(json.dumps(build, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_tiny_lrm(cache_dir: Path, seed: int = 0) -> TinyLrm:
+    """The tiny LRM from a shared cache folder (tests and the demo share one), built there when missing.
+
+    Keyed by cache_key, so a change of this file or of a library that runs the build makes a fresh one.
+    Built in a scratch folder and renamed into place: parallel processes never see half a model.
+    """
+    import shutil
+    import tempfile
+
+    key = cache_key(seed)
+    final = Path(cache_dir) / key
+    if not final.is_dir():
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
+        build_tiny_lrm(scratch, seed=seed)
+        try:
+            scratch.rename(final)
+        except OSError:  # another process finished first: use theirs
+            shutil.rmtree(scratch, ignore_errors=True)
+    return build_tiny_lrm(final, seed=seed)
 
 
 def build_tiny_tokenizer():
@@ -243,9 +298,15 @@ def build_tiny_model(tokenizer, seed: int = 0, **text_overrides):
 
 
 def synthetic_frame(level: float, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> np.ndarray:
-    """An RGB frame whose mean brightness encodes level in [0, 1] (the tiny model's notion of progress)."""
+    """An RGB frame filled from the bottom to level in [0, 1] by a bright bar (the tiny model's notion of
+    progress); its mean brightness is 20 + 215 * level.
+
+    A bar, not a uniformly lit frame: the vision tower's LayerNorms divide a uniform patch's brightness out
+    (only its sign around mid-grey survives), which left progress and contrastive half learned.
+    """
     h, w = size
-    base = 20 + level * 215
+    rows = np.clip(level * h - np.arange(h)[::-1], 0.0, 1.0)  # 1 inside the bar, a fraction at its edge
+    base = 20 + 215 * rows[:, None, None]
     noise = rng.normal(0.0, 6.0, size=(h, w, 3))
     tint = rng.uniform(-10, 10, size=3)
     return np.clip(base + noise + tint, 0, 255).astype(np.uint8)
@@ -258,16 +319,15 @@ def synthetic_example(
     task = TINY_TASKS[int(rng.integers(len(TINY_TASKS)))]
     level = int(rng.integers(11)) / 10
     if modality is Modality.PROGRESS:
-        # three well-separated levels: learnable in seconds, yet answered with multi-token values
-        level = float(rng.choice(PROGRESS_TRAINING_LEVELS))
+        answer_level = min(PROGRESS_TRAINING_LEVELS, key=lambda v: abs(v - level))
         current = synthetic_frame(level, rng)
         images = (
             [synthetic_frame(float(rng.uniform(0.0, 0.1)), rng), current] if rng.random() < 0.8 else [current]
         )
-        answer = f"{prompts.PROGRESS_ANSWER_PREFIX}{level:.1f} }}"
+        answer = f"{prompts.PROGRESS_ANSWER_PREFIX}{answer_level:.1f} }}"
     elif modality is Modality.CONTRASTIVE:
         other = int(rng.integers(11)) / 10
-        while other == level:
+        while abs(other - level) < CONTRASTIVE_MIN_GAP - 1e-9:
             other = int(rng.integers(11)) / 10
         images = [synthetic_frame(other, rng), synthetic_frame(level, rng)]
         answer = f'{prompts.CONTRASTIVE_ANSWER_PREFIX}{"ImageB" if level > other else "ImageA"}" }}'
@@ -279,19 +339,33 @@ def synthetic_example(
 
 
 def teach_answer_format(
-    model, processor, rng: np.random.Generator, steps: int = 120, batch: int = 12
+    model, processor, rng: np.random.Generator, steps: int = 300, batch: int = 12, lr: float = 4e-3
 ) -> None:
     """Fine-tune the whole tiny model briefly so it answers each prompt with its JSON format.
 
-    Loss only on the answer tokens (+ <|im_end|>); left padding puts them at the end of every row.
+    Loss only on the answer tokens (+ <|im_end|>); left padding puts them at the end of every row. Warm-up,
+    then a cosine decay: the last steps settle instead of leaving the weights wherever a step at full rate
+    threw them. Measured on seeds 0-3 and on a build forced onto AVX2 kernels: every held-out 0.1 level
+    answered right by step ~200 in all three rules. (120 steps at a constant rate on uniformly lit frames
+    left progress at ~60 % and, for some seeds, contrastive at chance.)
     """
+    import math
+
     import torch
 
     tokenizer = processor.tokenizer
     end = "<|im_end|>"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = 10
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     model.train()
-    # progress (eleven values) is the hardest to learn: it gets half of every batch
+    # progress (three answers over eleven levels) is the hardest to learn: it gets half of every batch
     modalities = [Modality.PROGRESS, Modality.CONTRASTIVE, Modality.PROGRESS, Modality.COMPLETION]
     for _ in range(steps):
         texts, images, answer_lengths = [], [], []
@@ -309,6 +383,7 @@ def teach_answer_format(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
 
 
@@ -319,9 +394,12 @@ def save_random_adapter(
     seed: int = 0,
     r: int = 8,
     lora_alpha: int = 16,
-    b_std: float = 0.02,
+    b_std: float = 0.05,
 ) -> Path:
     """Save a LoRA adapter shaped like the released ones: random A and non-zero random B.
+
+    b_std 0.05: on the confidently taught base, 0.02 moved answers by barely 1e-3 (tests that check an
+    adapter changes the answer had no room); at 0.1 greedy decoding loses the answer format.
 
     progress also carries modules_to_save for the vision tower (slightly perturbed copy), and its saved
     config lists both "visual" and its nested "merger", as the released progress adapter does.
