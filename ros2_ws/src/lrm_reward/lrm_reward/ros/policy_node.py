@@ -65,6 +65,7 @@ from lrm_reward.refinement.feature_topics import (
 )
 from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
 from lrm_reward.ros.log_bridge import forward_core_logging
+from lrm_reward.ros.serving_lifecycle import ServingLifecycleMixin
 from lrm_reward.ros.spinning import SubmitOnceExecutor, spin_until_shutdown
 
 ACTION_TYPES = ("float64_multi_array", "joint_trajectory")
@@ -119,7 +120,7 @@ class _Latest:
         self.msg, self.received, self.stamp, self.converted = msg, received, stamp, None
 
 
-class PolicyNode(LifecycleNode):
+class PolicyNode(ServingLifecycleMixin, LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__("policy_node", **kwargs)
         for name, (default, descriptor) in PARAMETERS.items():
@@ -248,24 +249,6 @@ class PolicyNode(LifecycleNode):
                 self._latest[key] = _Latest(msg, time.monotonic(), stamp)
 
         self._subs.append(self.create_subscription(msg_type, topic, store, qos))
-
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return super().on_cleanup(state)
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return super().on_shutdown(state)
-
-    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
 
     def _stop_serving(self) -> None:
         if self.runner is not None and self.runner.in_episode:

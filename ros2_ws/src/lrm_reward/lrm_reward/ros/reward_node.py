@@ -73,6 +73,7 @@ from lrm_reward.ros.reward_params import (
     tracker_config_from,
 )
 from lrm_reward.ros.reward_publishing import RewardOutputsMixin
+from lrm_reward.ros.serving_lifecycle import ServingLifecycleMixin
 from lrm_reward.ros.spinning import spin_until_shutdown
 
 NODE_NAME = "reward_node"
@@ -85,7 +86,7 @@ def engine_fault_kind(error: str) -> str:
     return "out_of_memory" if "out of memory" in error.lower() else "engine_error"
 
 
-class RewardNode(FrameIntakeMixin, RewardOutputsMixin, LifecycleNode):
+class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, LifecycleNode):
     """See the module docstring; ``engine_factory`` (default make_engine) lets benchmarks fake the model."""
 
     def __init__(self, engine_factory=None, **kwargs) -> None:
@@ -240,24 +241,6 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, LifecycleNode):
         self._active.set()
         self.get_logger().info(f"active: scoring {[s.name for s in self._streams]} for task {self._task!r}")
         return super().on_activate(state)
-
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return super().on_cleanup(state)
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return super().on_shutdown(state)
-
-    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
 
     def _stop_serving(self) -> None:
         """Unsubscribe, let the worker finish its batch, answer what is still pending (as dropped)."""
