@@ -5,7 +5,10 @@ The H200 profile of the fast path at b=32 (docs/benchmarks.md) showed elementwis
 much as the matmuls; LoRA's scale-and-add around each of the 252 adapted linears is a suspect. This prints,
 per linear shape of one decoder layer and for a batch-1 and a batch-32 suffix, the median time of:
   base      y = x W^T (no adapter: the floor)
-  peft      peft's LoRA Linear forward (r=64, alpha=128, dropout 0): what the engine runs today
+  peft-fp32 peft's LoRA Linear forward as get_peft_model leaves it (r=64, alpha=128, dropout 0): adapter
+            weights in float32 on a bf16 model (autocast_adapter_dtype), so the input is cast per call
+  peft      the same layer cast to the model's dtype: what the engine runs (its loading moves the whole
+            model, adapters included, to one dtype)
   fused     y = x W^T, then y += (x A^T) (s B)^T in place (addmm_, the scale folded into B once)
   merged    y = x (W + s B A)^T (one adapter merged: the upper bound, not usable with three adapters)
 and the sums over one layer x 36 layers. Not a test; random bf16 weights; CUDA only (CPU: --smoke).
@@ -30,6 +33,8 @@ SHAPES = {
     "down_proj": (12288, 4096),
 }
 
+VARIANTS = ("base", "peft-fp32", "peft", "fused", "merged")
+
 
 def timed(fn, reps: int, cuda: bool) -> float:
     for _ in range(3):
@@ -53,7 +58,7 @@ def timed(fn, reps: int, cuda: bool) -> float:
 
 
 def measure(x, layer, scale: float, reps: int, cuda: bool) -> tuple[dict, float]:
-    """Median ms of the four variants on one adapted linear, and the fused path's relative error."""
+    """Median ms of the variants on one adapted linear, and the fused path's relative error (vs peft-fp32)."""
     weight = layer.base_layer.weight
     a = layer.lora_A["default"].weight.to(x.dtype)  # (r, in); peft keeps adapters in float32
     b_scaled = (layer.lora_B["default"].weight * scale).to(x.dtype).contiguous()  # (out, r)
@@ -68,6 +73,10 @@ def measure(x, layer, scale: float, reps: int, cuda: bool) -> tuple[dict, float]
     err = (fused() - ref).abs().max().item() / ref.abs().max().item()
     row = dict(
         base=timed(lambda: x @ weight.t(), reps, cuda),
+        **{"peft-fp32": timed(lambda: layer(x), reps, cuda)},
+    )
+    layer.to(x.dtype)  # as the engine's loading does
+    row.update(
         peft=timed(lambda: layer(x), reps, cuda),
         fused=timed(fused, reps, cuda),
         merged=timed(lambda: x @ merged.t(), reps, cuda),
@@ -95,10 +104,10 @@ def main() -> None:
     r, scale = args.rank, 2.0
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"# LoRA tail per adapted linear, {name}, {dtype}, r={r}, median of {args.reps} (ms)")
-    print("| tokens | linear | base | peft | fused | merged | peft - base | fused - base |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tokens | linear | base | peft-fp32 | peft | fused | merged | peft - base | fused - base |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in tokens:
-        totals = dict(base=0.0, peft=0.0, fused=0.0, merged=0.0)
+        totals = dict.fromkeys(VARIANTS, 0.0)
         for key, (fan_in, fan_out) in shapes.items():
             torch.manual_seed(0)
             x = torch.randn(n, fan_in, device=device, dtype=dtype)
@@ -112,7 +121,7 @@ def main() -> None:
                 row, err = measure(x, layer, scale, args.reps, cuda)
             for k in totals:
                 totals[k] += row[k]
-            cells = [row[k] for k in ("base", "peft", "fused", "merged")]
+            cells = [row[k] for k in VARIANTS]
             cells += [row["peft"] - row["base"], row["fused"] - row["base"]]
             flag = "" if err < 2e-2 else f" FUSED DIFFERS ({err:.1e})"
             print(
@@ -121,7 +130,7 @@ def main() -> None:
                 + f" |{flag}"
             )
         layers = 36
-        cells = [totals[k] for k in ("base", "peft", "fused", "merged")]
+        cells = [totals[k] for k in VARIANTS]
         cells += [totals["peft"] - totals["base"], totals["fused"] - totals["base"]]
         print(
             f"| {n} | **x{layers} layers** | " + " | ".join(f"{c * layers:.1f}" for c in cells) + " |",
