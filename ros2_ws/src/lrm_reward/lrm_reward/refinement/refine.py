@@ -1,10 +1,13 @@
-"""Fine-tune the current policy on judged successes and store the result as a new policy version.
+"""Fine-tune the current policy on judged episodes and store the result as a new policy version.
 
 What it is for: the nightly step after judging (arXiv 2603.16065, real-robot self-improvement: the
 episodes the reward model judges successful are added to the imitation data and the policy is
 refined). Steps: take the store lock; select episodes (judged successes of the given datasets, minus
 partial ones and ones the operator labelled failure, plus every episode of optional demonstration
-datasets); open them as filtered LeRobotDataset views (`episodes=[...]`, no copying); continue training
+datasets); with `selection` "weighting" or "both", also the other episodes, each frame weighted by the
+progress the reward model saw (RA-BC, dense_weights.py: by weighted sampling for policies such as ACT
+whose forward has no per-sample loss, by lerobot's per-sample loss weighting otherwise); open them as
+filtered LeRobotDataset views (`episodes=[...]`, no copying); continue training
 the current version (any lerobot policy type; from scratch only on request); write the new version
 through PolicyStore (staging folder, checksums, atomic rename) and promote it to `current` only after
 a clean finish; append to the store history; write the report.
@@ -24,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lrm_reward.refinement import dense_weights
 from lrm_reward.refinement.judge import load_judgments
 from lrm_reward.refinement.policy_store import (
     CorruptCheckpointError,
@@ -32,6 +36,7 @@ from lrm_reward.refinement.policy_store import (
     StoreBusyError,
     load_policy,
 )
+from lrm_reward.refinement.selection import Selection, select_episodes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,12 @@ class RefineConfig:
     num_workers: int = 0
     device: str = "cpu"
     seed: int = 0
-    min_confidence: float = 0.0  # judged successes below this confidence are left out
+    min_confidence: float = 0.0  # judged successes below this confidence are left out (or weighted)
+    # filter: judged successes only; weighting: every episode, each frame weighted by progress (RA-BC);
+    # both: judged successes at full weight, the other episodes weighted. The library default stays
+    # "filter" (what existing callers measured); the lrm-refine command defaults to "both".
+    selection: str = dense_weights.SELECTION_FILTER
+    min_frame_weight: float = 0.05  # floor under a weighted frame: failures weigh little, not nothing
     include_partial: bool = False  # use episodes the recorder marked partial
     respect_operator_labels: bool = True  # an operator "failure" label overrides a judged success
     from_scratch: bool = False  # no current version yet: build a new policy of policy_type
@@ -87,6 +97,10 @@ class RefineConfig:
             raise ValueError("RefineConfig.batch_size must be >= 1")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError("RefineConfig.min_confidence must be in [0, 1]")
+        if self.selection not in dense_weights.SELECTIONS:
+            raise ValueError(f"RefineConfig.selection must be one of {dense_weights.SELECTIONS}")
+        if not 0.0 < self.min_frame_weight <= 1.0:
+            raise ValueError("RefineConfig.min_frame_weight must be in (0, 1]")
         if not self.datasets and not self.demos:
             raise ValueError("RefineConfig: give at least one judged dataset or demonstration dataset")
         if self.lr is not None and self.lr <= 0:
@@ -103,62 +117,6 @@ class RefineConfig:
                     "RefineConfig.policy_inputs must be distinct observation feature names "
                     f"(observation.state, observation.images.<camera>, ...), got {self.policy_inputs}"
                 )
-
-
-@dataclass
-class Selection:
-    """Episodes chosen per dataset, and why others were left out."""
-
-    episodes: dict[str, list[int]]  # dataset root -> episode indices
-    kept: list[dict]  # {"dataset", "episode_index", "source", ...judgment summary}
-    rejected: list[dict]
-
-    @property
-    def num_episodes(self) -> int:
-        return sum(len(v) for v in self.episodes.values())
-
-
-def select_episodes(cfg: RefineConfig) -> Selection:
-    episodes: dict[str, list[int]] = {}
-    kept, rejected = [], []
-    for root in cfg.datasets:
-        judgments = load_judgments(root)
-        total = _total_episodes(root)
-        for e in range(total):
-            j = judgments.get(e)
-            row = {"dataset": str(root), "episode_index": e, "source": "judged"}
-            if j is None:
-                rejected.append({**row, "reason": "not judged"})
-                continue
-            row.update(
-                verdict=j.verdict,
-                confidence=j.confidence,
-                completion_prob=j.completion_prob,
-                final_progress=j.final_progress,
-                curve=j.progress_curve,
-                curve_frames=j.curve_frame_indices,
-                task=j.task,
-            )
-            reason = None
-            if not j.success:
-                reason = f"verdict {j.verdict}"
-            elif j.confidence < cfg.min_confidence:
-                reason = f"confidence {j.confidence:.2f} < {cfg.min_confidence:.2f}"
-            elif j.partial and not cfg.include_partial:
-                reason = "partial recording"
-            elif cfg.respect_operator_labels and j.recorded_outcome == "failure":
-                reason = "operator labelled it a failure"
-            if reason:
-                rejected.append({**row, "reason": reason})
-            else:
-                kept.append(row)
-                episodes.setdefault(str(root), []).append(e)
-    for root in cfg.demos:
-        total = _total_episodes(root)
-        if total:
-            episodes.setdefault(str(root), []).extend(range(total))
-            kept.extend({"dataset": str(root), "episode_index": e, "source": "demo"} for e in range(total))
-    return Selection(episodes=episodes, kept=kept, rejected=rejected)
 
 
 @dataclass
@@ -198,7 +156,8 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
         torch.manual_seed(cfg.seed)  # before a from-scratch policy draws its initial weights
         policy, pre, post, policy_cfg = _load_or_build(cfg, parent, selection)
         datasets = _open_datasets(selection, policy_cfg)
-        losses = _train(cfg, policy, pre, datasets, on_step)
+        weights = dense_weights.training_weights(selection, datasets, policy, cfg.min_frame_weight)
+        losses = _train(cfg, policy, pre, datasets, on_step, weights)
         staging = store.new_staging_dir()
         policy.save_pretrained(staging)
         pre.save_pretrained(staging)
@@ -214,8 +173,10 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
             "num_episodes": selection.num_episodes,
             "num_frames": sum(len(d) for d in datasets),
             "selection": {
+                "mode": selection.mode,
                 "kept": [_brief(r) for r in selection.kept],
                 "rejected": [_brief(r) for r in selection.rejected],
+                "weighting": selection.weighting,
             },
             "judge_thresholds": _judge_thresholds(cfg.datasets),
             "training": _training_config(cfg),
@@ -232,9 +193,11 @@ def refine(cfg: RefineConfig, on_step=None) -> RefineResult:
             "version": version.version,
             "parent": metadata["parent"],
             "promoted": cfg.promote,
-            "kept": sum(1 for r in selection.kept if r["source"] == "judged"),
+            "kept": sum(1 for r in selection.kept if r["source"] == "judged" and r["weight"] == "full"),
             "rejected": len(selection.rejected),
             "demos": sum(1 for r in selection.kept if r["source"] == "demo"),
+            "selection": selection.mode,
+            "weighted": sum(1 for r in selection.kept if r.get("weight") == dense_weights.WEIGHT_PROGRESS),
             "final_loss": metadata["final_loss"],
             "datasets": [str(p) for p in cfg.datasets],
         }
@@ -406,20 +369,15 @@ def _open_datasets(selection: Selection, policy_cfg):
     return out
 
 
-def _train(cfg: RefineConfig, policy, pre, datasets, on_step) -> list[float]:
+def _train(cfg: RefineConfig, policy, pre, datasets, on_step, weights=None) -> list[float]:
     import torch
 
     torch.manual_seed(cfg.seed)
     data = torch.utils.data.ConcatDataset(datasets)
     if cfg.cache_frames:
         data = _cached_frames(data, policy.config, cfg.progress_bar)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=min(cfg.batch_size, len(data)),
-        shuffle=True,
-        num_workers=cfg.num_workers,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
+    loader, weighter = dense_weights.training_loader(
+        data, weights, policy, min(cfg.batch_size, len(data)), cfg.num_workers, cfg.seed
     )
     policy.to(cfg.device)
     policy.train()
@@ -436,8 +394,7 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step) -> list[float]:
     step = 0
     while step < cfg.steps:
         for batch in loader:
-            batch = pre(batch)
-            loss, _ = policy.forward(batch)
+            loss = dense_weights.batch_loss(policy, pre, batch, weighter)
             value = loss.detach().item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss became {value} at step {step}")
@@ -503,13 +460,6 @@ def _brief(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("curve", "curve_frames")}
 
 
-def _total_episodes(root: Path) -> int:
-    info = Path(root) / "meta" / "info.json"
-    if not info.exists():
-        raise FileNotFoundError(f"no LeRobotDataset at {root} (meta/info.json missing)")
-    return int(json.loads(info.read_text())["total_episodes"])
-
-
 # ---------------------------------------------------------------------------- CLI
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -526,6 +476,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--min-confidence", type=float, default=0.0)
+    p.add_argument(
+        "--selection",
+        choices=dense_weights.SELECTIONS,
+        default=dense_weights.SELECTION_BOTH,
+        help="filter: judged successes only; weighting: every episode, frames weighted by the reward "
+        "model's progress (RA-BC); both (default): judged successes at full weight, the rest weighted",
+    )
+    p.add_argument(
+        "--min-frame-weight",
+        type=float,
+        default=RefineConfig.min_frame_weight,
+        help="floor under a progress-weighted frame (failures weigh little, not nothing)",
+    )
     p.add_argument("--include-partial", action="store_true")
     p.add_argument("--ignore-operator-labels", action="store_true")
     p.add_argument("--from-scratch", action="store_true", help="start a new policy (no current version)")
@@ -584,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             num_workers=args.num_workers,
             min_confidence=args.min_confidence,
+            selection=args.selection,
+            min_frame_weight=args.min_frame_weight,
             include_partial=args.include_partial,
             respect_operator_labels=not args.ignore_operator_labels,
             from_scratch=args.from_scratch,
@@ -600,15 +565,16 @@ def main(argv: list[str] | None = None) -> int:
         StoreBusyError,
         CorruptCheckpointError,
         NothingToTrainError,
-        ValueError,
+        ValueError,  # NoProgressError included
         FileNotFoundError,
     ) as exc:
         print(f"lrm-refine: {exc}", file=sys.stderr)
         return 1
     sel = result.selection
+    weighted = sum(1 for r in sel.kept if r.get("weight") == dense_weights.WEIGHT_PROGRESS)
     print(
-        f"new version {result.version.ref} from {result.parent or 'scratch'}: "
-        f"{sel.num_episodes} episodes ({len(sel.rejected)} rejected), "
+        f"new version {result.version.ref} from {result.parent or 'scratch'}: selection {sel.mode}, "
+        f"{sel.num_episodes} episodes ({weighted} weighted by progress, {len(sel.rejected)} rejected), "
         f"final loss {result.losses[-1]:.4f}, {'promoted to current' if result.promoted else 'not promoted'}"
     )
     if result.report:
