@@ -26,7 +26,7 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "ROS_DOMAIN_ID": os.environ.get("ROS_DOMAIN_ID", "42")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--rounds", "3", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -45,14 +45,20 @@ def test_every_stage_finished_and_the_report_exists(quick_demo):
         "policy",
         "rollout1",
         "judge1",
-        "refine",
+        "refine1",
         "rollout2",
         "judge2",
+        "refine2",
+        "rollout3",
+        "judge3",
         "report",
     ):
         assert stage in done, stage
+    assert "refine3" not in done  # no refinement after the last round
     html = (out / "report.html").read_text()
     assert "Judge vs. ground truth" in html and "data:image/png;base64," in html
+    assert "Success per round" in html and "round 3" in html
+    assert "Progress curves, successes vs. failures" in html
     assert "ros2 launch lrm_reward reward.launch.py" in html
 
 
@@ -60,7 +66,7 @@ def test_rollouts_were_recorded_through_the_nodes_with_live_rewards(quick_demo):
     _, state, _ = quick_demo
     import pandas as pd
 
-    for name in ("rollout1", "rollout2"):
+    for name in ("rollout1", "rollout2", "rollout3"):
         roll = state["done"][name]
         assert len(roll["episodes"]) == state["settings"]["episodes"]
         assert roll["successes"] == sum(e["success"] for e in roll["episodes"])
@@ -117,7 +123,7 @@ def test_recorded_rollouts_pair_each_observation_with_the_action_chosen_from_it(
 
 def test_confusion_matrix_matches_ground_truth_and_judgments(quick_demo):
     _, state, _ = quick_demo
-    for stage in ("judge1", "judge2"):
+    for stage in ("judge1", "judge2", "judge3"):
         judged = state["done"][stage]
         m = judged["matrix"]
         rows = judged["rows"]
@@ -125,17 +131,29 @@ def test_confusion_matrix_matches_ground_truth_and_judgments(quick_demo):
         assert m["tp"] == sum(r["success"] and r["judged_success"] for r in rows)
         assert m["tn"] == sum(not r["success"] and not r["judged_success"] for r in rows)
         assert judged["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / len(rows))
+        # VOC only for real successes with a curve to rank, and it is a correlation
+        for r in rows:
+            assert (r["voc"] is not None) == (r["success"] and len(r["curve"]) > 2)
+            assert r["voc"] is None or -1.0 <= r["voc"] <= 1.0
 
 
-def test_refinement_made_a_new_policy_version_and_rollout2_used_it(quick_demo):
+def test_each_round_refined_a_new_policy_version_and_the_next_round_used_it(quick_demo):
     _, state, _ = quick_demo
     done = state["done"]
-    assert done["refine"]["parent"] == done["policy"]["version"]
-    assert done["refine"]["version"] != done["policy"]["version"]
-    assert done["rollout2"]["policy_version"] == done["refine"]["version"]
-    assert Path(done["refine"]["path"], "config.json").is_file()
+    assert done["refine1"]["parent"] == done["policy"]["version"]
+    assert done["refine2"]["parent"] == done["refine1"]["version"]
+    versions = {done[k]["version"] for k in ("policy", "refine1", "refine2")}
+    assert len(versions) == 3
+    assert done["rollout2"]["policy_version"] == done["refine1"]["version"]
+    assert done["rollout3"]["policy_version"] == done["refine2"]["version"]
+    assert Path(done["refine2"]["path"], "config.json").is_file()
+    # the reward model says what it learned from: labelled sim episodes on layouts the rollouts never use
+    trained_on = done["reward"]["trained_on"]
+    assert len(trained_on["reward_episodes"]) == state["settings"]["reward_episodes"]
+    rollout_seeds = {e["seed"] for e in done["rollout1"]["episodes"]}
+    assert rollout_seeds.isdisjoint(e["seed"] for e in trained_on["reward_episodes"])
     # a state-only policy (joints + object positions), and refinement kept its inputs
-    for stage in ("policy", "refine"):
+    for stage in ("policy", "refine1", "refine2"):
         meta = json.loads(Path(done[stage]["path"], "metadata.json").read_text())
         assert meta["policy_inputs"] == ["observation.state", "observation.environment_state"]
     # the same seeds in both rounds, so before/after compare the same layouts
@@ -147,7 +165,7 @@ def test_refinement_made_a_new_policy_version_and_rollout2_used_it(quick_demo):
 def test_a_rerun_continues_instead_of_starting_over(quick_demo):
     out, state, _ = quick_demo
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--rounds", "3", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -62,8 +62,28 @@ def test_bad_actions_are_refused_with_a_clear_error(scene):
         scene.step(np.array([0.0, np.nan, 0.0, 1.0]))
 
 
+def _cube_pixels(image: np.ndarray) -> int:
+    r, g, b = (image[..., i].astype(int) for i in range(3))
+    return int(np.sum((r > 150) & (b > 150) & (g < r - 40)))  # the purple-pink cube
+
+
+def test_the_workspace_view_shows_cube_and_target_larger_than_the_front_view():
+    """The reward model must see the cube on the target: the default view makes them cover many pixels."""
+    sizes = {}
+    for view in ("front", "workspace"):
+        with So101Scene(SceneConfig(image_size=96, max_steps=5, camera=view)) as sc:
+            image = sc.reset(7).image
+        sizes[view] = (_cube_pixels(image), _green_pixels(image))
+    assert SceneConfig().camera == "workspace"
+    front, workspace = sizes["front"], sizes["workspace"]
+    # measured at seed 7, 96 px: cube 29 -> 87 pixels, target 61 -> 139
+    assert workspace[0] >= 2 * max(1, front[0]) and workspace[1] >= 2 * max(1, front[1]), sizes
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="image_size"):
         SceneConfig(image_size=4)
+    with pytest.raises(ValueError, match="camera must be one of"):
+        SceneConfig(camera="ceiling")
     with pytest.raises(ValueError, match="action_sigma"):
         ExpertNoise(action_sigma=-1.0)

@@ -4,7 +4,7 @@ A thin shell around ``lrm_reward.sim``: a worker thread steps the scene and publ
 store the latest command or flip flags. Nothing here scores or records: run reward_node and
 refinement_node beside it, unchanged, exactly as with a real robot.
 
-Topics out: ``camera/image`` (sensor_msgs/Image rgb8, front camera with the goal marker), ``joint_states``
+Topics out: ``camera/image`` (sensor_msgs/Image rgb8, ``camera_view`` with the goal marker), ``joint_states``
 (sensor_msgs/JointState, five arm joints + gripper), ``environment_state`` (sensor_msgs/JointState
 named ENV_STATE_NAMES, values in ``position`` [m]: the cube from the grasp point and the goal from the
 cube, what a pose estimator would report on a real robot; a JointState rather than a Float64MultiArray
@@ -62,6 +62,7 @@ from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
 from lrm_reward.sim.policy_controller import LeRobotPolicyController
 from lrm_reward.sim.so101_scene import (
     ACTION_NAMES,
+    CAMERA_VIEWS,
     CONTROL_DT_S,
     ENV_STATE_NAMES,
     JOINT_NAMES,
@@ -94,8 +95,13 @@ class SimRobotNode(Node):
             image_size=p("image_size", 96, "camera frame size in pixels (square)"),
             max_steps=p("max_steps", 90, "an episode ends after this many steps (10 steps per second)"),
             random_layout=p("random_layout", True, "cube and goal positions drawn from the episode seed"),
+            camera=p(
+                "camera_view",
+                SceneConfig.camera,
+                f"what camera/image shows: {' | '.join(CAMERA_VIEWS)} (workspace: cube and target large)",
+            ),
         )
-        self.frame_id = p("frame_id", "front_camera", "frame_id of the camera images")
+        self.frame_id = p("frame_id", f"{self.scene_cfg.camera}_camera", "frame_id of the camera images")
         self.rate_hz = p("rate_hz", 0.0, "[Hz] pace steps to the wall clock; 0 = as fast as possible")
         p("seed", 0, "seed of the next episode; setting it restarts the seed sequence")
         p("controller", "expert", f"what drives the robot: one of {CONTROLLERS}")

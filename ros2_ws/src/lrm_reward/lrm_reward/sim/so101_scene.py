@@ -64,6 +64,18 @@ def _default_gl_at_import() -> None:
 _default_gl_at_import()
 
 
+# Named views. "front" is the environment's own camera (80 cm away: cube and target cover a few pixels of a
+# 96 px frame, mostly floor). "workspace" looks down at the area where cubes and targets are drawn
+# (x 0.15-0.30 m, y +-0.10 m) from the robot's far side, so at 96 px the cube covers ~10 px and the target
+# ~12 px: what a vision reward model needs to tell "on the target" from "next to it". Free cameras of the
+# renderer, so the physics model is untouched. Values: lookat (x, y, z) [m], distance [m], azimuth and
+# elevation [deg].
+CAMERA_VIEWS = {
+    "front": None,
+    "workspace": ((0.23, 0.0, 0.05), 0.48, 180.0, -58.0),
+}
+
+
 class SimRenderError(RuntimeError):
     """The simulator cannot render frames on this machine; the message names the fix."""
 
@@ -77,6 +89,7 @@ class SceneConfig:
     marker_rgba: tuple[float, float, float, float] = (0.1, 0.85, 0.2, 1.0)
     marker_radius_m: float = 0.03  # the success radius of the task is 3 cm
     fast_render: bool = True  # shadows and multisampling off
+    camera: str = "workspace"  # a CAMERA_VIEWS name: what the camera topic shows
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 1024:
@@ -87,6 +100,8 @@ class SceneConfig:
             raise ValueError("SceneConfig.marker_rgba must be four values in [0, 1]")
         if self.marker_radius_m <= 0:
             raise ValueError("SceneConfig.marker_radius_m must be > 0")
+        if self.camera not in CAMERA_VIEWS:
+            raise ValueError(f"SceneConfig.camera must be one of {sorted(CAMERA_VIEWS)}, got {self.camera!r}")
         if self.gl_backend is not None and self.gl_backend not in GL_FIX:
             raise ValueError(f"SceneConfig.gl_backend must be one of {sorted(GL_FIX)} or None")
 
@@ -166,6 +181,7 @@ class So101Scene:
         except Exception as exc:  # any GL/EGL failure surfaces here, with backend-specific types
             self._env.close()
             raise SimRenderError(render_failure_message(self.gl_backend, exc)) from exc
+        self._camera = self._make_camera(mujoco, self.cfg.camera)
         self._joint_qpos = [model.joint(n).qposadr[0] for n in JOINT_NAMES]
         self._joint_dof = [model.joint(n).dofadr[0] for n in JOINT_NAMES]
         self._obs: dict | None = None
@@ -212,7 +228,7 @@ class So101Scene:
     def render(self) -> np.ndarray:
         mujoco = self._mujoco
         r = self._renderer
-        r.update_scene(self._env.data, camera="front")
+        r.update_scene(self._env.data, camera=self._camera)
         scene = r.scene
         if scene.ngeom < scene.maxgeom:
             goal = self._env.goal_pos
@@ -226,6 +242,20 @@ class So101Scene:
             )
             scene.ngeom += 1
         return r.render().copy()
+
+    @staticmethod
+    def _make_camera(mujoco, name: str):
+        view = CAMERA_VIEWS[name]
+        if view is None:
+            return name  # a camera of the model, by name
+        lookat, distance, azimuth, elevation = view
+        cam = mujoco.MjvCamera()
+        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+        cam.lookat[:] = lookat
+        cam.distance = distance
+        cam.azimuth = azimuth
+        cam.elevation = elevation
+        return cam
 
     def close(self) -> None:
         for closer in (getattr(self, "_renderer", None), getattr(self, "_env", None)):

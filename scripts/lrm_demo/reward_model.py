@@ -1,0 +1,211 @@
+"""The demo's reward model and its verdicts on the rollouts (lrm-train-reward and lrm-judge's code)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lrm_demo.common import (
+    PKG_SRC,
+    REPO,
+    REWARD_RECIPE,
+    ROUND_SEED,
+    TINY_CACHE,
+    DemoError,
+    DemoSettings,
+    say,
+)
+from lrm_demo.sim_episodes import record_expert_episodes
+
+REWARD_CACHE = REPO / ".cache" / "demo_reward"
+DONE_FILE = "made.json"
+# Labelled episodes for the reward model: layouts no demonstration or rollout uses, and noise levels from
+# a near-clean expert to a clumsy one, so successes and the usual failures (missed grasp, dropped cube,
+# placed next to the target) are all there.
+REWARD_SEED = 5000
+REWARD_NOISE = [(0.03, 0.005), (0.05, 0.01), (0.15, 0.02), (0.05, 0.03), (0.3, 0.03)]
+REWARD_SETTINGS = ("image_size", "max_steps", "camera_view", "reward_episodes", "reward_steps")
+REWARD_CODE = ("sim", "adaptation", "core", "refinement")  # renders, records, samples, trains
+
+
+def tiny_base_model() -> Path:
+    from lrm_reward.core import tiny_model
+
+    return tiny_model.cached_tiny_lrm(TINY_CACHE, seed=0).base  # the test suite's tiny_lrm uses it too
+
+
+def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:
+    if s.lrm_weights:
+        weights = Path(s.lrm_weights)
+        base = weights / "base" if (weights / "base").is_dir() else weights
+        adapters = weights / "adapters" if (weights / "adapters").is_dir() else weights
+        missing = [m for m in ("progress", "completion") if not (adapters / m).is_dir()]
+        if not (base / "config.json").is_file() or missing:
+            raise DemoError(
+                f"--lrm-weights {weights}: expected a Qwen3-VL folder (base/ or the folder itself, with "
+                "config.json) and adapter folders progress/ completion/ "
+                f"(missing: {missing or 'config.json'})"
+            )
+        return {"base": str(base), "adapters": str(adapters), "trained": False}
+    return cached_reward_model(s, demos)
+
+
+def reward_cache_key(s: DemoSettings, recipe_text: str, base: Path) -> str:
+    """Everything that produced the reward model: its data settings, the recipe, the tiny base, the code
+    that renders, records, samples and trains, and the library versions."""
+    from lrm_reward.core import tiny_model
+
+    digest = hashlib.sha256()
+    produced_by = {
+        "settings": {k: getattr(s, k) for k in REWARD_SETTINGS},
+        "noise": REWARD_NOISE,
+        "seed": REWARD_SEED,
+        "recipe": recipe_text,
+        "base": base.parent.name,  # the tiny base's own cache key
+        "libraries": {**tiny_model.library_versions(), **_versions("mujoco", "lerobot")},
+    }
+    digest.update(json.dumps(produced_by, sort_keys=True).encode())
+    for path in sorted(p for d in REWARD_CODE for p in (PKG_SRC / "lrm_reward" / d).rglob("*.py")):
+        digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    digest.update((Path(__file__).parent / "sim_episodes.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def cached_reward_model(s: DemoSettings, demos: dict) -> dict:
+    """The trained reward model from .cache/demo_reward/<key>, made there first when missing.
+
+    Made in a scratch folder and renamed into place, so an interrupted run never leaves half a model."""
+    recipe_text = REWARD_RECIPE.read_text()
+    base = tiny_base_model()
+    key = reward_cache_key(s, recipe_text, base)
+    final = REWARD_CACHE / key
+    if not (final / DONE_FILE).is_file():
+        REWARD_CACHE.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=REWARD_CACHE))
+        try:
+            made = _make_reward_model(scratch, s, recipe_text, base, demos)
+            (scratch / DONE_FILE).write_text(json.dumps(made, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            scratch.rename(final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        say(f"reward model made in {made['wall_s']:.0f} s and cached in {final}")
+    else:
+        say(f"reward model from the cache: {final} (delete it to make it again)")
+    made = json.loads((final / DONE_FILE).read_text())
+    adapters = str(final / "adapters")
+    return {"base": str(base), "adapters": adapters, "trained": True, "cache": str(final), **made}
+
+
+def _make_reward_model(work: Path, s: DemoSettings, recipe_text: str, base: Path, demos: dict) -> dict:
+    import yaml
+
+    from lrm_reward.adaptation import train
+
+    t0 = time.monotonic()
+    seeds = [REWARD_SEED + i for i in range(s.reward_episodes)]
+    outcomes = record_expert_episodes(
+        work / "data", seeds, REWARD_NOISE, s, lambda ok: "reward_episodes", "reward: labelled sim episodes"
+    )
+    datasets = [str(work / "data" / "reward_episodes")]
+    demos_root = Path(demos["root"]).parent  # the demonstrations are labelled episodes too
+    datasets += [str(demos_root / d) for d in ("demos", "demos_failed") if (demos_root / d / "meta").is_dir()]
+    # The recipe (why: docs/adaptation.md, "Small bases"); the demo adds the paths (and --quick's budget).
+    recipe = yaml.safe_load(recipe_text)
+    recipe.update(base_model=str(base), datasets=datasets, output_dir=str(work / "adapters"))
+    if s.reward_steps:
+        recipe["max_steps"] = s.reward_steps
+        recipe["vision_warmup_steps"] = min(int(recipe.get("vision_warmup_steps", 0)), s.reward_steps)
+        for per in recipe.get("per_modality", {}).values():
+            if "max_steps" in per:
+                per["max_steps"] = min(int(per["max_steps"]), s.reward_steps)
+    config = work / "reward_train.yaml"
+    config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    code = train.main(["--config", str(config)])  # modality order from the recipe: completion first
+    if code != 0:
+        raise DemoError(f"training the reward model failed (lrm-train-reward exit {code}); see the log above")
+    shutil.rmtree(work / "adapters" / "checkpoints", ignore_errors=True)
+    return {
+        "trained_on": {
+            "reward_episodes": outcomes,
+            "reward_successes": sum(o["success"] for o in outcomes),
+            "demos": len(demos["episodes"]),
+            "demo_successes": demos["successes"],
+            "layouts": f"seeds {seeds[0]}-{seeds[-1]} and the demonstrations' (rollouts use {ROUND_SEED}+)",
+        },
+        "wall_s": time.monotonic() - t0,
+    }
+
+
+def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
+    from lrm_reward.refinement import judge as J
+
+    adapters = Path(reward_model["adapters"])
+    spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
+    argv = [roll["dataset"], "--model", reward_model["base"], "--adapters", spec, "--device", s.device]
+    argv += ["--every-k", "5", "--success-threshold", str(s.judge_threshold), "--force"]
+    code = J.main(argv)
+    if code != 0:
+        raise DemoError(f"lrm-judge failed (exit {code})")
+    judgments = J.load_judgments(Path(roll["dataset"]))
+    rows, matrix = [], {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for ep in roll["episodes"]:
+        j = judgments.get(ep["episode_index"])
+        if j is None:
+            continue
+        key = ("t" if j.success == ep["success"] else "f") + ("p" if j.success else "n")
+        matrix[key] += 1
+        rows.append(
+            {
+                **ep,
+                "judged_success": bool(j.success),
+                "verdict": j.verdict,
+                "confidence": float(j.confidence),
+                "completion_prob": float(j.completion_prob),
+                "final_progress": float(j.final_progress),
+                "curve_frames": [int(i) for i in j.curve_frame_indices],
+                "curve": [float(v) for v in j.progress_curve],
+                "model_id": j.model_id,
+                # VOC (GVL's value-order correlation): does progress rise with time in a success?
+                "voc": _voc(j.curve_frame_indices, j.progress_curve) if ep["success"] else None,
+            }
+        )
+    n = sum(matrix.values())
+    vocs = [row["voc"] for row in rows if row["voc"] is not None]
+    return {
+        "rows": rows,
+        "matrix": matrix,
+        "accuracy": (matrix["tp"] + matrix["tn"]) / n if n else None,
+        "recall_success": _ratio(matrix["tp"], matrix["tp"] + matrix["fn"]),
+        "recall_failure": _ratio(matrix["tn"], matrix["tn"] + matrix["fp"]),
+        "voc": sum(vocs) / len(vocs) if vocs else None,
+    }
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+def _voc(frames: list[int], progress: list[float]) -> float | None:
+    from lrm_reward.adaptation.metrics import spearman
+
+    pairs = [(f, p) for f, p in zip(frames, progress, strict=True) if p == p]  # unparsed answers are NaN
+    return spearman(*zip(*pairs, strict=True)) if len(pairs) > 2 else None
