@@ -44,6 +44,8 @@ setup(
             "lrm-policy = lrm_reward.refinement.policy_cli:main",
             "lrm-train-reward = lrm_reward.adaptation.train:main",
             "lrm-eval-reward = lrm_reward.adaptation.evaluate:main",
+            "lrm-import-bag = lrm_reward.bags.importer:main",
+            "lrm-score = lrm_reward.bags.offline_scoring:main",
         ],
     },
 )

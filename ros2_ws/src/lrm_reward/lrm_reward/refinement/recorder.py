@@ -74,6 +74,7 @@ SIDECAR_DIR = "recording"
 REPO_PREFIX = "lrm"  # local repo_id = "lrm/<dataset name>"; never pushed anywhere
 REWARD_KEYS = ("reward.progress", "reward.completion", "reward.fused")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ON_GRID_S = 1e-6  # a sample stamped within 1 us after a frame's time counts as at that time
 
 
 class EpisodeOutcome(enum.StrEnum):
@@ -223,13 +224,14 @@ def plan_resampling(
     t0 = max(float(stamps[0]) for stamps in required.values())
     t_end = max(float(stamps[-1]) for stamps in required.values())
     period = 1.0 / fps
-    # Small epsilon so a stamp that is exactly on the grid is not lost to float rounding.
-    n = int(np.floor((t_end - t0) / period + 1e-9)) + 1
+    # A stamp on the grid must not be lost to float rounding: seconds since the epoch in float64 resolve
+    # only ~0.24 us, so (t_end - t0) / period for stamps k/fps apart can land just below an integer.
+    n = int(np.floor((t_end - t0 + _ON_GRID_S) / period)) + 1
     grid = t0 + np.arange(n) * period
     plan = ResamplePlan(num_frames=n, t0=t0)
     first_bad = n
     for name, stamps in required.items():
-        idx = np.searchsorted(stamps, grid + 1e-9, side="right") - 1
+        idx = np.searchsorted(stamps, grid + _ON_GRID_S, side="right") - 1
         stale = grid - stamps[np.clip(idx, 0, None)]
         bad = np.nonzero(stale > max_gap_s)[0]
         if bad.size:
@@ -239,7 +241,7 @@ def plan_resampling(
         plan.indices[name] = idx
     for name, stamps in optional.items():
         plan.indices[name] = (
-            np.searchsorted(stamps, grid + 1e-9, side="right") - 1 if len(stamps) else np.full(n, -1)
+            np.searchsorted(stamps, grid + _ON_GRID_S, side="right") - 1 if len(stamps) else np.full(n, -1)
         )
     if plan.gaps and on_gap == "truncate":
         plan.truncated_from = n
@@ -512,11 +514,13 @@ class EpisodeRecorder:
         notes: str = "",
         wait: bool = True,
         transport: dict | None = None,
+        provenance: dict | None = None,
     ) -> StopResult:
         """End the episode: resample it and save it (encoding: seconds), or discard it.
 
         `transport`: what the caller knows about delivery (per stream: messages received, lost, lag), kept
-        as is in the sidecar's "transport".
+        as is in the sidecar's "transport". `provenance`: where the episode came from when it was not recorded
+        live (the bag importer: bag path, topics, time range), kept as is in the sidecar's "provenance".
 
         With the process saver and wait=False, returns as soon as the episode is sealed on disk
         (SaveStatus.SAVING, num_frames final); the save's result arrives in `last_save` / `on_saved`.
@@ -530,7 +534,7 @@ class EpisodeRecorder:
             self._saving = True
         handed_over = False
         try:
-            job_or_result = self._seal(ep, outcome, notes, transport)
+            job_or_result = self._seal(ep, outcome, notes, transport, provenance)
             if isinstance(job_or_result, StopResult):
                 self._count(job_or_result)
                 return job_or_result
@@ -610,7 +614,12 @@ class EpisodeRecorder:
         )
 
     def _seal(
-        self, ep: _Episode, outcome: EpisodeOutcome, notes: str, transport: dict | None = None
+        self,
+        ep: _Episode,
+        outcome: EpisodeOutcome,
+        notes: str,
+        transport: dict | None = None,
+        provenance: dict | None = None,
     ) -> SaveJob | StopResult:
         """Resample the episode into a SaveJob, or say why there is nothing to save."""
         root = self.cfg.data_root / ep.dataset_name
@@ -663,7 +672,7 @@ class EpisodeRecorder:
             dataset_root=root,
             fps=self.cfg.fps,
             features=self._features({cam: images[cam].shape[1:] for cam in images}),
-            sidecar=self._sidecar(ep, outcome, notes, plan, required, transport),
+            sidecar=self._sidecar(ep, outcome, notes, plan, required, transport, provenance),
             task=ep.task,
             cameras={cam: [int(v) for v in images[cam].shape[1:]] for cam in images},
             camera_files={cam: ep.cameras[cam].file_name for cam in images},
@@ -719,6 +728,7 @@ class EpisodeRecorder:
         plan: ResamplePlan,
         required,
         transport: dict | None = None,
+        provenance: dict | None = None,
     ) -> dict:
         all_notes = "\n".join(n for n in (ep.notes, notes) if n)
         stamps_first = min(float(s[0]) for s in required.values())
@@ -752,6 +762,7 @@ class EpisodeRecorder:
             },
             "dropped": dict(ep.counters),
             **({"transport": transport} if transport is not None else {}),
+            **({"provenance": provenance} if provenance is not None else {}),
             "nan_policy": "non-finite joint states/actions are dropped; the previous valid sample is held",
             "recorder_version": RECORDER_VERSION,
             "spool_id": ep.spool_dir.name,
