@@ -227,9 +227,11 @@ class DemoClient:
             if len(self.results) > seen and self.results[-1]["episode"] == episode:
                 result = self.results[-1]
             elif time.monotonic() > next_poll:  # the latched topic is the fast path; polling the safe one
-                polled = self.call(self.sim_result, T["Trigger"].Request(), timeout=10.0)
-                if polled.success and json.loads(polled.message)["episode"] == episode:
-                    result = json.loads(polled.message)
+                # A slow answer on a busy machine is not an error: the episode deadline decides.
+                with contextlib.suppress(DemoError):
+                    polled = self.call(self.sim_result, T["Trigger"].Request(), timeout=10.0)
+                    if polled.success and json.loads(polled.message)["episode"] == episode:
+                        result = json.loads(polled.message)
                 next_poll = time.monotonic() + 2.0
             if time.monotonic() > deadline:
                 raise DemoError(f"the sim episode did not finish within {EPISODE_TIMEOUT_S:.0f} s")
