@@ -87,7 +87,7 @@ class DemoSettings:
             camera_view=args.camera_view,
             expert_action_sigma=args.action_sigma,
             expert_grasp_offset_m=args.grasp_offset,
-            reward_episodes=args.reward_episodes or (6 if quick else 120),
+            reward_episodes=args.reward_episodes or (7 if quick else 140),
             reward_steps=args.reward_steps or (8 if quick else 0),
             judge_threshold=args.judge_threshold,
             policy_steps=args.policy_steps or (10 if quick else 2000),

@@ -19,12 +19,12 @@ from lrm_reward.sim.so101_scene import ACTION_NAMES, ENV_STATE_NAMES, JOINT_NAME
 def record_expert_episodes(
     root: Path,
     seeds: list[int],
-    noises: list[tuple[float, float]],
+    noises: list[tuple[float, float, str]],
     s: DemoSettings,
     dataset_for,
     desc: str,
 ) -> list[dict]:
-    """Run the noisy expert on each seed (noise levels taken in turn) and record every episode.
+    """Run the noisy expert on each seed (noise levels and failure modes taken in turn) and record it.
 
     dataset_for(success) names the dataset an episode goes to, so successes and failures can be kept
     apart (demonstrations) or together (reward-model data).
@@ -59,9 +59,9 @@ def record_expert_episodes(
     scene_cfg = SceneConfig(image_size=s.image_size, max_steps=s.max_steps, camera=s.camera_view)
     with So101Scene(scene_cfg) as scene:
         for i, seed in enumerate(tqdm(seeds, desc=desc, unit="ep", leave=False)):
-            sigma, grasp_offset = noises[i % len(noises)]
+            sigma, grasp_offset, fail_mode = noises[i % len(noises)]
             # One noise seed; the episode seed varies the noise (reset below).
-            expert = NoisyExpert(ExpertNoise(sigma, grasp_offset, seed=DEMO_SEED))
+            expert = NoisyExpert(ExpertNoise(sigma, grasp_offset, seed=DEMO_SEED, fail_mode=fail_mode))
             state = scene.reset(seed)
             expert.reset(seed)
             frames = [(state, None)]
@@ -70,13 +70,12 @@ def record_expert_episodes(
                 state = scene.step(action)
                 frames.append((state, action))
             ok = bool(state.success)
-            outcomes.append(
-                {"seed": seed, "success": ok, "steps": state.step_index, "noise": [sigma, grasp_offset]}
-            )
+            noise = [sigma, grasp_offset, fail_mode]
+            outcomes.append({"seed": seed, "success": ok, "steps": state.step_index, "noise": noise})
             rec = recorder(dataset_for(ok))
             rec.start(
                 TASK,
-                notes=f"noisy expert {sigma}/{grasp_offset}, seed {seed}",
+                notes=f"noisy expert {sigma}/{grasp_offset} {fail_mode}, seed {seed}".replace("  ", " "),
                 policy_version="scripted_expert",
             )
             t0 = 1_000_000.0 + i * 1000.0
@@ -98,7 +97,7 @@ def record_expert_episodes(
 def collect_demos(out: Path, s: DemoSettings) -> dict:
     root = fresh_dir(out / "data" / "demos_stage")
     seeds = [DEMO_SEED + i for i in range(s.demos)]
-    noise = [(s.expert_action_sigma, s.expert_grasp_offset_m)]
+    noise = [(s.expert_action_sigma, s.expert_grasp_offset_m, "")]
     outcomes = record_expert_episodes(
         root, seeds, noise, s, lambda ok: "demos" if ok else "demos_failed", "demos: noisy expert in sim"
     )

@@ -71,6 +71,21 @@ TINY_TASKS = (
 
 # Released adapters: LoRA on the language model's attention and MLP projections (the vision tower has a
 # fused qkv, so these names touch only the language model); progress also saves the whole vision tower.
+# Variants of the tiny text model, by name: overrides of the text config (the default stays as it was built).
+# "head32": head_dim 32, the smallest head size vLLM's CPU attention supports (it refuses the default's 16
+# at the first request); the real Qwen3-VL-8B has 128. mrope_section must sum to head_dim / 2.
+TINY_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "head32": {
+        "head_dim": 32,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [8, 4, 4],
+            "mrope_interleaved": True,
+        },
+    },
+}
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_ORDER = (Modality.PROGRESS, Modality.CONTRASTIVE, Modality.COMPLETION)
 
@@ -83,13 +98,16 @@ class TinyLrm:
     adapters: dict[str, Path] = field(default_factory=dict)
 
 
-def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
-    """Build (or reuse, when already built with the same version and seed) a tiny LRM under root."""
+def build_tiny_lrm(root: Path, seed: int = 0, variant: str = "default") -> TinyLrm:
+    """Build (or reuse, when already built with the same version, seed and variant) a tiny LRM under root.
+
+    variant: a name in TINY_VARIANTS (e.g. "head32" for vLLM's CPU attention).
+    """
     root = Path(root)
     base = root / "base"
     adapters = {m.value: root / m.value for m in ADAPTER_ORDER}
     marker = root / _MARKER
-    expected = {"version": TINY_FORMAT_VERSION, "seed": seed, "libraries": library_versions()}
+    expected = _build_record(seed, variant)
     if (
         marker.is_file()
         and _read_json(marker) == expected
@@ -112,7 +130,7 @@ def build_tiny_lrm(root: Path, seed: int = 0) -> TinyLrm:
     try:
         tokenizer = build_tiny_tokenizer()
         processor = build_tiny_processor(tokenizer)
-        model = build_tiny_model(tokenizer, seed)
+        model = build_tiny_model(tokenizer, seed, **TINY_VARIANTS[variant])
         teach_answer_format(model, processor, rng)
         model.save_pretrained(base, safe_serialization=True)
         processor.save_pretrained(base)
@@ -137,18 +155,28 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def cache_key(seed: int = 0) -> str:
+def _build_record(seed: int, variant: str) -> dict:
+    """What a build is keyed by (its marker file and cache_key); the default variant is not named, so its
+    record (and key) stay what they were before variants existed."""
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny model variant {variant!r}; known: {sorted(TINY_VARIANTS)}")
+    record = {"version": TINY_FORMAT_VERSION, "seed": seed, "libraries": library_versions()}
+    if variant != "default":
+        record["variant"] = variant
+    return record
+
+
+def cache_key(seed: int = 0, variant: str = "default") -> str:
     """Folder name for a shared cache of built tiny models (tests, demo): changes with this file's source,
-    the build format, the seed and the versions of the libraries that run the build."""
+    the build format, the seed, the variant and the versions of the libraries that run the build."""
     import hashlib
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    build = {"version": TINY_FORMAT_VERSION, "seed": seed, "libraries": library_versions()}
-    digest.update(json.dumps(build, sort_keys=True).encode())
+    digest.update(json.dumps(_build_record(seed, variant), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
-def cached_tiny_lrm(cache_dir: Path, seed: int = 0) -> TinyLrm:
+def cached_tiny_lrm(cache_dir: Path, seed: int = 0, variant: str = "default") -> TinyLrm:
     """The tiny LRM from a shared cache folder (tests and the demo share one), built there when missing.
 
     Keyed by cache_key, so a change of this file or of a library that runs the build makes a fresh one.
@@ -157,17 +185,17 @@ def cached_tiny_lrm(cache_dir: Path, seed: int = 0) -> TinyLrm:
     import shutil
     import tempfile
 
-    key = cache_key(seed)
+    key = cache_key(seed, variant)
     final = Path(cache_dir) / key
     if not final.is_dir():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
-        build_tiny_lrm(scratch, seed=seed)
+        build_tiny_lrm(scratch, seed=seed, variant=variant)
         try:
             scratch.rename(final)
         except OSError:  # another process finished first: use theirs
             shutil.rmtree(scratch, ignore_errors=True)
-    return build_tiny_lrm(final, seed=seed)
+    return build_tiny_lrm(final, seed=seed, variant=variant)
 
 
 def build_tiny_tokenizer():

@@ -20,6 +20,12 @@ from lrm_reward.sim.so101_scene import ACTION_SCALE_M, SceneState
 # Phases in which the controller is still aiming at the cube; the grasp offset only applies to them, so
 # a cube picked up off-centre is still carried to the goal by its true position.
 _AIMING_PHASES = ("HOVER", "DESCEND", "CLOSE")
+_PLACING_PHASES = ("LOWER", "OPEN", "RETREAT")
+# Failure modes a reward model must learn to call failures. "hover": the cube is carried over the target
+# and held there, never put down and released (what a half-trained imitation policy often does) -- a few
+# centimetres from a success in the camera image.
+FAIL_MODES = ("", "hover")
+_HOVER_HEIGHT_M = (0.05, 0.10)  # the grasp point's height while hovering, drawn per episode
 
 
 @dataclass
@@ -27,12 +33,15 @@ class ExpertNoise:
     action_sigma: float = 0.0  # std of Gaussian noise added to dx, dy, dz (action units, range [-1, 1])
     grasp_offset_sigma_m: float = 0.0  # std of the per-episode xy error of the perceived cube position [m]
     seed: int = 0
+    fail_mode: str = ""  # a FAIL_MODES name: make the episode fail that way on purpose ("": never)
 
     def __post_init__(self) -> None:
         if self.action_sigma < 0 or not np.isfinite(self.action_sigma):
             raise ValueError("ExpertNoise.action_sigma must be a finite value >= 0")
         if self.grasp_offset_sigma_m < 0 or not np.isfinite(self.grasp_offset_sigma_m):
             raise ValueError("ExpertNoise.grasp_offset_sigma_m must be a finite value >= 0")
+        if self.fail_mode not in FAIL_MODES:
+            raise ValueError(f"ExpertNoise.fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
 
 
 class NoisyExpert:
@@ -45,6 +54,7 @@ class NoisyExpert:
         self._controller = PickPlaceController(action_scale=ACTION_SCALE_M)
         self._rng = np.random.default_rng(self.noise.seed)
         self.grasp_offset = np.zeros(3)
+        self.hover_height = _HOVER_HEIGHT_M[0]
 
     def reset(self, episode_seed: int | None = None) -> None:
         self._controller.reset()
@@ -52,6 +62,7 @@ class NoisyExpert:
             self._rng = np.random.default_rng([self.noise.seed, int(episode_seed)])
         offset = self._rng.normal(0.0, self.noise.grasp_offset_sigma_m, size=2)
         self.grasp_offset = np.array([offset[0], offset[1], 0.0])
+        self.hover_height = float(self._rng.uniform(*_HOVER_HEIGHT_M))
 
     @property
     def phase(self) -> str:
@@ -62,6 +73,10 @@ class NoisyExpert:
         if self.phase in _AIMING_PHASES:
             block = block + self.grasp_offset
         action = self._controller.act(state.grasp_point, block, state.goal_position).astype(np.float64)
+        if self.noise.fail_mode == "hover" and self.phase in _PLACING_PHASES:
+            # Stay at the hover height over the target, gripper closed: never lowered, never released.
+            action[2] = np.clip((self.hover_height - state.grasp_point[2]) / ACTION_SCALE_M, -0.4, 0.4)
+            action[3] = 0.0
         if self.noise.action_sigma > 0:
             action[:3] += self._rng.normal(0.0, self.noise.action_sigma, size=3)
         action[:3] = np.clip(action[:3], -1.0, 1.0)
