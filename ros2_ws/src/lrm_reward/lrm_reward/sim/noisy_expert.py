@@ -62,7 +62,8 @@ class NoisyExpert:
             self._rng = np.random.default_rng([self.noise.seed, int(episode_seed)])
         offset = self._rng.normal(0.0, self.noise.grasp_offset_sigma_m, size=2)
         self.grasp_offset = np.array([offset[0], offset[1], 0.0])
-        self.hover_height = float(self._rng.uniform(*_HOVER_HEIGHT_M))
+        if self.noise.fail_mode == "hover":  # drawn only then: the other modes' noise stays as it was
+            self.hover_height = float(self._rng.uniform(*_HOVER_HEIGHT_M))
 
     @property
     def phase(self) -> str:
