@@ -1,10 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   # the main job
-#   make test   # every test (CI runs exactly this)
-.PHONY: setup demo test lint format bench clean
+#   make test   # every test (CI runs this, after scripts/setup_vllm.sh for the vLLM tests)
+.PHONY: setup setup-vllm demo test lint format bench clean
 
 setup:
 	scripts/setup.sh
+
+# vLLM's CPU build in its own venv (.venv-vllm, Python 3.11) for the fleet backend's tests and benchmark
+setup-vllm:
+	scripts/setup_vllm.sh
 
 demo: setup
 	bash -c '. scripts/env.sh && scripts/loopback.sh python scripts/demo.py $(DEMO_ARGS)'

@@ -46,6 +46,7 @@ setup(
             "lrm-eval-reward = lrm_reward.adaptation.evaluate:main",
             "lrm-import-bag = lrm_reward.bags.importer:main",
             "lrm-score = lrm_reward.bags.offline_scoring:main",
+            "lrm-vllm-server = lrm_reward.serving.vllm_server:main",
             "lrm-distill = lrm_reward.student.train:main",
         ],
     },

@@ -8,7 +8,9 @@ ones ``lrm-train-reward`` made, or none (the bare base model), on held-out episo
 - completion accuracy and F1 (P(yes) > 0.5) and calibration (ECE of P(yes), plus a reliability diagram);
 - contrastive accuracy (which of two frames of a successful episode is closer to done).
 
-Answers come from the engine's logits readout (``RewardEngine.score``), the same path the nodes serve.
+Answers come from the engine's logits readout (``RewardEngine.score``), the same path the nodes serve; with
+``--backend vllm --server URL`` a running vLLM server answers (it must serve the adapter set evaluated,
+docs/vllm.md), with the same numbers as the local engine.
 Writes ``metrics.json``, one PNG per metric (matplotlib, Agg) and ``report.html`` into the output folder.
 
 What it is not: no training; it does not pick a winner for you (the report shows all numbers).
@@ -30,6 +32,7 @@ import numpy as np
 from lrm_reward.adaptation import metrics as M
 from lrm_reward.adaptation import samples as S
 from lrm_reward.adaptation import train as T
+from lrm_reward.core.backend_arguments import add_backend_arguments, backend_settings
 from lrm_reward.core.types import Answer, Modality, Query
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,11 @@ class EvalConfig:
     max_batch_size: int = 8
     calibration_bins: int = 10
     local_files_only: bool = True
+    # engine backend: "local" loads each adapter set here; "vllm" asks server_url (core/vllm_client.py)
+    backend: str = "local"
+    server_url: str | None = None
+    allow_remote: bool = False
+    request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -200,6 +208,10 @@ def evaluate(cfg: EvalConfig, engine_factory=None) -> dict:
     results: dict[str, dict] = {}
     for name, folders in sets.items():
         log.info("evaluating %s", name)
+        server = {"backend": cfg.backend, "server_url": cfg.server_url, "allow_remote": cfg.allow_remote}
+        server["server_required"] = True  # no server: stop with the reason, not score everything as failed
+        if cfg.request_timeout_s is not None:
+            server["request_timeout_s"] = cfg.request_timeout_s
         engine = engine_factory(
             EngineConfig(
                 base_model=cfg.base_model,
@@ -208,6 +220,7 @@ def evaluate(cfg: EvalConfig, engine_factory=None) -> dict:
                 dtype=cfg.dtype,
                 max_batch_size=cfg.max_batch_size,
                 local_files_only=cfg.local_files_only,
+                **server,
             )
         )
         try:
@@ -433,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where metrics.json, the plots and report.html go")
     parser.add_argument("--device")
     parser.add_argument("--max-batch-size", type=int)
+    add_backend_arguments(parser)
     return parser
 
 
@@ -465,6 +479,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         raw["device"] = args.device
     if args.max_batch_size:
         raw["max_batch_size"] = args.max_batch_size
+    server = backend_settings(args)
+    server.pop("server_required", None)  # evaluate() always requires the server
+    raw.update(server)
     if "adapter_sets" not in raw and raw.get("split_from"):
         raw["adapter_sets"] = {"trained": raw["split_from"], "base": NO_ADAPTERS}
     if base is not None:

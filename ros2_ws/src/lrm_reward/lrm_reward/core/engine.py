@@ -4,7 +4,8 @@ What this is for: turning ``Query`` objects (task text + frames, one modality ea
 It validates queries, groups them by adapter and readout, runs as few batched forward passes as it can
 (``max_batch_size`` per pass), halves a batch that runs out of CUDA memory, and never raises on bad input
 or bad model output: failures come back as ``Answer(parsed=False, error=...)``.
-Backends sit behind a small registry; ``make_engine(cfg)`` builds one ("local" = in-process transformers).
+Backends sit behind a small registry; ``make_engine(cfg)`` builds one ("local" = in-process transformers,
+"vllm" = vLLM servers over HTTP, ``vllm_client.py``).
 
 The logits readout takes the fast path (``fast_readout.py``) unless ``fast_path=False``: per-episode prompt
 prefixes (chat header, task, initial frame) are prefilled once per adapter and kept in a bounded LRU
@@ -20,6 +21,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -86,6 +88,18 @@ class EngineConfig:
     compile_warmup_batches: tuple[int, ...] = (1,)
     compile_warmup_image: tuple[int, int] = (480, 640)
     compile_warmup_s: float = 300.0
+    # backend "vllm" (vllm_client.py): the model runs in vLLM servers, this process only asks over HTTP.
+    # server_url: one URL or several (a comma-separated string or a list); every model is found there by
+    # name. A server off this machine (not loopback) is refused unless allow_remote. device, dtype and the
+    # fast-path / compile settings are the server's business then.
+    server_url: str | tuple[str, ...] | None = None
+    allow_remote: bool = False
+    request_timeout_s: float = 10.0  # one score() call ends within this, answered or failed
+    server_connect_s: float = 30.0  # make_engine retries (with backoff) this long for a server to come up
+    # still not up then: True = make_engine raises (command-line tools); False = the engine is made, answers
+    # with errors and keeps trying (with backoff) at each call (a reward node that boots before the server)
+    server_required: bool = False
+    server_concurrency: int = 16  # HTTP requests in flight at once (the server batches them)
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -135,6 +149,38 @@ class EngineConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self._check_compile()
+        self._check_server()
+
+    def _check_server(self) -> None:
+        for name in ("allow_remote", "server_required"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("request_timeout_s", "server_connect_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+        if (
+            not isinstance(self.server_concurrency, int)
+            or isinstance(self.server_concurrency, bool)
+            or not (1 <= self.server_concurrency <= 256)
+        ):
+            raise ValueError(f"server_concurrency must be an int in 1..256, got {self.server_concurrency!r}")
+        if self.server_url in (None, "", ()):
+            self.server_url = None
+            if self.backend == "vllm":
+                raise ValueError("backend 'vllm' needs server_url, e.g. http://127.0.0.1:8000")
+            return
+        from lrm_reward.core.vllm_client import parse_server_urls
+
+        urls = parse_server_urls(self.server_url, self.allow_remote)
+        self.server_url = urls[0] if len(urls) == 1 else urls
 
     def _check_compile(self) -> None:
         from lrm_reward.core.compiled_suffix import COMPILE_MODES
@@ -589,7 +635,16 @@ def _error_answer(query: Query, error: str) -> Answer:
     return Answer(modality=modality, value=None, parsed=False, error=error)
 
 
-_BACKENDS: dict[str, Callable[[EngineConfig], RewardEngine]] = {"local": LocalRewardEngine}
+def _vllm_engine(cfg: EngineConfig) -> RewardEngine:
+    from lrm_reward.core.vllm_client import VllmRewardEngine  # httpx loads only for this backend
+
+    return VllmRewardEngine(cfg)
+
+
+_BACKENDS: dict[str, Callable[[EngineConfig], RewardEngine]] = {
+    "local": LocalRewardEngine,
+    "vllm": _vllm_engine,
+}
 
 
 def register_backend(name: str, factory: Callable[[EngineConfig], RewardEngine]) -> None:

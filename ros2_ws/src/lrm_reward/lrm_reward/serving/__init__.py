@@ -1,0 +1,1 @@
+"""Serving the reward model to many robots: building and running the vLLM servers the "vllm" backend asks."""
