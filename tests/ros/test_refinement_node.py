@@ -68,6 +68,7 @@ def refinement_node(tmp_path, tiny_lrm):
         # this test's stamps are synthetic); names from the first message
         "environment_state_topic": "object_pose",
         "environment_state_type": "joint_state",
+        "judge.mode": "local",  # no reward_node here: the fallback that loads a model of its own
         "judge.model": str(tiny_lrm.base),
         "judge.adapters": ",".join(f"{m}={tiny_lrm.adapters[m]}" for m in ("progress", "completion")),
         "judge.device": "cpu",

@@ -13,9 +13,16 @@ side of the verdict (completion_prob for a success, 1 - completion_prob otherwis
 fraction.
 
 Judgments are written one episode at a time (atomic rename), so a killed run resumes where it stopped;
-judged episodes are skipped unless force=True. A per-dataset file lock keeps two judges apart.
+judged episodes are skipped unless force=True. A per-dataset file lock keeps two judges apart. A caller
+can watch (`on_progress`, after every model call) and stop a run between model calls (`should_stop`):
+the episode under way is then dropped, never half written (JudgeCanceledError says what was finished).
 
-What it is not: no model code (the engine comes from lrm_reward.core.engine), no ROS.
+Which model: `lrm-judge --model ...` loads its own copy; `lrm-judge --via-node /reward_node` loads none
+and sends the work to the running reward node's `~/judge_episodes` action, which judges with the model
+it already holds (one copy of the 8B per GPU for day and night; docs/refinement.md). The client for
+that lives in lrm_reward.ros.judge_action and is imported only with --via-node.
+
+What it is not: no model code (the engine comes from lrm_reward.core.engine), no ROS in the judging itself.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import datetime as _dt
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lrm_reward.core.backend_arguments import add_backend_arguments, backend_settings
 from lrm_reward.core.types import Answer, Modality, Query
 from lrm_reward.durable_files import try_exclusive_lock, write_json_atomic
 from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
@@ -50,6 +58,32 @@ class JudgeBusyError(RuntimeError):
 
 class DatasetNotFoundError(FileNotFoundError):
     pass
+
+
+class JudgeCanceledError(RuntimeError):
+    """A run stopped by its caller between two model calls; `judged` were written, the episode under way
+    was dropped whole (no judgment file)."""
+
+    def __init__(self, message: str, judged: list[Judgment], skipped: list[int], dataset: Path) -> None:
+        super().__init__(message)
+        self.judged = judged
+        self.skipped = skipped
+        self.dataset = dataset
+
+
+@dataclass(frozen=True)
+class JudgeProgress:
+    """Where a judge run is: sent to `on_progress` after every model call and every finished episode."""
+
+    episodes_done: int  # requested episodes finished (judged or skipped)
+    episodes_total: int  # requested episodes
+    episode_index: int  # episode being judged; -1 when none
+    queries_done: int  # model queries answered for that episode
+    queries_total: int  # model queries that episode needs
+
+
+class _Stopped(Exception):
+    """judge_episode was told to stop between two model calls."""
 
 
 @dataclass
@@ -215,8 +249,18 @@ def curve_frame_indices(num_frames: int, every_k: int) -> list[int]:
     return idx
 
 
-def judge_episode(frames: EpisodeFrames, episode_index: int, engine, cfg: JudgeConfig) -> Judgment:
-    """Ask the engine about one episode and build its judgment (not written)."""
+def judge_episode(
+    frames: EpisodeFrames,
+    episode_index: int,
+    engine,
+    cfg: JudgeConfig,
+    on_queries: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Judgment:
+    """Ask the engine about one episode and build its judgment (not written).
+
+    on_queries(done, total) after every model call; should_stop() before each: when true, raises _Stopped.
+    """
     n = frames.episode_length(episode_index)
     task = frames.task(episode_index)
     curve_idx = curve_frame_indices(n, cfg.curve_every_k)
@@ -233,7 +277,11 @@ def judge_episode(frames: EpisodeFrames, episode_index: int, engine, cfg: JudgeC
     queries += [Query(Modality.COMPLETION, task, [image(i)]) for i in comp_idx]
     answers: list[Answer] = []
     for start in range(0, len(queries), cfg.max_queries_per_call):
+        if should_stop is not None and should_stop():
+            raise _Stopped
         answers.extend(engine.score(queries[start : start + cfg.max_queries_per_call]))
+        if on_queries is not None:
+            on_queries(len(answers), len(queries))
     if len(answers) != len(queries):
         raise RuntimeError(f"engine returned {len(answers)} answers for {len(queries)} queries")
 
@@ -285,11 +333,16 @@ def judge_dataset(
     force: bool = False,
     progress_bar: bool = True,
     data_root: Path | str | None = None,
+    on_progress: Callable[[JudgeProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> JudgeRunResult:
     """Judge the episodes of one dataset; writes a judgment file per episode as it goes.
 
     data_root: when given (service calls), the dataset must resolve inside it (OutsideDataRootError).
-    Raises DatasetNotFoundError, IndexError (unknown episode), JudgeBusyError.
+    on_progress: called after every model call and every finished episode (JudgeProgress).
+    should_stop: asked before every model call; when it answers true the run ends with JudgeCanceledError
+    (episodes finished before stay written, the one under way is dropped whole).
+    Raises DatasetNotFoundError, IndexError (unknown episode), JudgeBusyError, JudgeCanceledError.
     """
     cfg = cfg or JudgeConfig()
     root = resolve_inside(data_root, dataset_root) if data_root is not None else Path(dataset_root).resolve()
@@ -309,11 +362,35 @@ def judge_dataset(
                 skipped.append(e)
             else:
                 todo.append(e)
-        judged = []
+        judged: list[Judgment] = []
+        total = len(wanted)
+
+        def report(episode: int, queries_done: int = 0, queries_total: int = 0) -> None:
+            if on_progress is not None:
+                done = len(skipped) + len(judged)
+                on_progress(JudgeProgress(done, total, episode, queries_done, queries_total))
+
+        report(-1)
         for e in _progress(todo, progress_bar, f"judging {root.name}"):
-            j = judge_episode(frames, e, engine, cfg)
+            try:
+                j = judge_episode(
+                    frames,
+                    e,
+                    engine,
+                    cfg,
+                    on_queries=lambda done, n, e=e: report(e, done, n),
+                    should_stop=should_stop,
+                )
+            except _Stopped:
+                raise JudgeCanceledError(
+                    f"stopped during episode {e} (not written); {len(judged)} judged before it",
+                    judged,
+                    skipped,
+                    root,
+                ) from None
             write_json_atomic(judgment_path(root, e), j.to_json())
             judged.append(j)
+            report(-1)
         return JudgeRunResult(judged=judged, skipped=skipped, dataset=root)
 
 
@@ -393,14 +470,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="lrm-judge", description="Judge recorded episodes with the reward model."
     )
     p.add_argument("dataset", nargs="+", help="dataset folder(s) written by the refinement node")
-    p.add_argument("--model", required=True, help="base model folder or Hub id (Qwen3-VL)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="load this base model (folder or Hub id, Qwen3-VL) in this process")
+    which.add_argument(
+        "--via-node",
+        metavar="NODE",
+        help="load no model: judge through the running reward node's judge action (e.g. /reward_node, or "
+        "the action's full name); datasets must be inside that node's judge.data_root",
+    )
+    p.add_argument(
+        "--server-timeout", type=float, default=30.0, help="[s] --via-node: wait this long for the node"
+    )
     p.add_argument("--adapters", default=None, help="'progress=DIR,completion=DIR' or a folder of adapters")
     p.add_argument(
         "--processor", default=None, help="processor folder (default: the base, else an adapter folder)"
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--readout", default="logits", choices=["logits", "generate"])
+    p.add_argument("--device", default="cpu", help="--model: torch device")
+    p.add_argument("--dtype", default="auto", help="--model: weights dtype")
+    p.add_argument("--readout", default="logits", choices=["logits", "generate"], help="--model: readout")
     p.add_argument("--episodes", default=None, help="comma-separated episode indices (default: all)")
     p.add_argument("--force", action="store_true", help="judge again even if a judgment exists")
     p.add_argument("--last-n", type=int, default=JudgeConfig.completion_last_n)
@@ -411,6 +498,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-partial", action="store_true")
     p.add_argument("--data-root", default=None, help="refuse datasets outside this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_arguments(p)  # --backend vllm --server URL: a shared vLLM server answers (docs/vllm.md)
     return p
 
 
@@ -431,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lrm-judge: {exc}", file=sys.stderr)
         return 2
+    if args.via_node:
+        return _main_via_node(args, cfg, episodes)
     from lrm_reward.core.engine import EngineConfig, make_engine
     from lrm_reward.core.loading import ModelLoadError
     from lrm_reward.core.types import Readout
@@ -444,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 readout=Readout(args.readout),
                 processor=args.processor,
+                **backend_settings(args),
             )
         )
     except (ModelLoadError, ValueError) as exc:  # one line, not a traceback: the message names the fix
@@ -483,6 +574,53 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
     finally:
         engine.close()
+    return status
+
+
+def _main_via_node(args: argparse.Namespace, cfg: JudgeConfig, episodes: list[int] | None) -> int:
+    """lrm-judge --via-node: every dataset judged by the reward node's loaded model, one goal each."""
+    from lrm_reward.ros.judge_action import R, judge_via_node  # rclpy: only here
+
+    datasets = []
+    status = 0
+    for ds in args.dataset:
+        try:  # refuse here what the local check refuses, before bothering the node
+            datasets.append(str(resolve_inside(args.data_root, ds) if args.data_root else Path(ds).resolve()))
+        except OutsideDataRootError as exc:
+            print(f"lrm-judge: {ds}: {exc}", file=sys.stderr)
+            status = 1
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+
+    try:
+        outcomes = judge_via_node(
+            args.via_node, datasets, cfg, episodes, args.force, args.server_timeout, say
+        )
+    except KeyboardInterrupt:
+        print("lrm-judge: interrupted; the episodes judged so far are stored", file=sys.stderr)
+        return 130
+    for ds, _status, result, error in outcomes:
+        if result is None:
+            print(f"lrm-judge: {ds}: {error}", file=sys.stderr)
+            status = 1
+            continue
+        if result.result != R.RESULT_OK:
+            print(f"lrm-judge: {ds}: {args.via_node}: {result.message}", file=sys.stderr)
+            status = 1
+            continue
+        ok = sum(1 for j in result.judgments if j.success)
+        print(
+            f"{result.dataset}: judged {result.judged} by {args.via_node} (successes {ok} of "
+            f"{len(result.judgments)} stored), skipped {result.reused} already judged"
+        )
+        try:
+            print(f"{result.dataset}: {calibrate_against_operator(Path(result.dataset), cfg)}")
+        except Exception as exc:  # the judgments are written; a failed plot must not fail the night
+            print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
+    if len(outcomes) < len(datasets):
+        status = 1  # the server went missing: the remaining datasets were not tried
     return status
 
 

@@ -7,6 +7,12 @@ whether or not the console scripts are on PATH. They run one after the other (re
 exited 0) in their own session, so a Ctrl-C to the node does not kill a training run; all output goes
 to one log file.
 
+Judging needs the reward model. With `judge_via_node` set (the refinement node's default, judge.mode
+reward_node) the judge step is `lrm-judge --via-node <action>`: the running reward node judges with the
+model it already holds, and this run loads none. The refine step then trains the policy on the same GPU
+while the reward node keeps its model: on a 24 GB card with the 8B that is tight (docs/refinement.md, "One
+copy of the reward model"); train on another device or stop the reward node for the night if it does not fit.
+
 What it is not: a scheduler (systemd/cron do that: docs/refinement.md) and no ROS.
 """
 
@@ -30,7 +36,8 @@ class NightlyConfig:
     datasets: list[Path]  # judged, then refined on
     store: Path  # policy store root
     policy: str  # policy name inside the store
-    judge_model: str = ""  # "" = skip judging (the datasets are judged already)
+    judge_model: str = ""  # lrm-judge loads this model itself; "" and no judge_via_node = skip judging
+    judge_via_node: str = ""  # judge through this reward node / action (lrm-judge --via-node): no model here
     judge_adapters: str = ""
     judge_device: str = "cpu"
     judge_dtype: str = "auto"
@@ -49,6 +56,10 @@ class NightlyConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("nightly: no dataset to judge and refine on")
+        if self.judge_model and self.judge_via_node:
+            raise ValueError(
+                "nightly: judge_model and judge_via_node exclude each other (one copy of the model)"
+            )
         if not str(self.store).strip() or not self.policy.strip():
             raise ValueError(
                 "nightly: the policy store and policy name must be set (nightly.store, nightly.policy)"
@@ -60,18 +71,20 @@ class NightlyConfig:
         py = [sys.executable, "-m"]
         data = [str(d) for d in self.datasets]
         out = []
-        if self.judge_model:
-            judge = [*py, JUDGE_MODULE, *data, "--model", self.judge_model, "--device", self.judge_device]
+        if self.judge_model or self.judge_via_node:
+            if self.judge_via_node:
+                judge = [*py, JUDGE_MODULE, *data, "--via-node", self.judge_via_node]
+            else:
+                judge = [*py, JUDGE_MODULE, *data, "--model", self.judge_model, "--device", self.judge_device]
+                judge += ["--dtype", self.judge_dtype]
             judge += [
-                "--dtype",
-                self.judge_dtype,
                 "--last-n",
                 str(self.last_n),
                 "--every-k",
                 str(self.every_k),
             ]
             judge += ["--success-threshold", str(self.success_threshold), "--quiet"]
-            if self.judge_adapters:
+            if self.judge_adapters and not self.judge_via_node:
                 judge += ["--adapters", self.judge_adapters]
             if self.progress_threshold is not None:
                 judge += ["--progress-threshold", str(self.progress_threshold)]

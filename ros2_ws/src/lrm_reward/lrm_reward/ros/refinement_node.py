@@ -2,9 +2,16 @@
 
 A thin shell around lrm_reward.refinement: subscription callbacks convert messages and append them to
 the EpisodeRecorder (no encoding, no disk writes beyond the raw spool); services start and stop episodes
-and judge recorded episodes with the reward model (loaded on first use); `~/run_nightly` starts judge +
-refine as child processes. Optional auto-stop: when the reward topic's `completed` flag holds for
-`auto_stop.completed_frames` messages, or after `auto_stop.timeout_s`.
+and judge recorded episodes; `~/run_nightly` starts judge + refine as child processes.
+
+Judging loads no model here (`judge.mode: reward_node`, the default): `~/judge_episode` sends a goal to
+reward_node's `~/judge_episodes` action (`judge.action`), which judges with the model it already holds, and
+the nightly judge step is `lrm-judge --via-node` (one copy of the reward model per GPU, day and night).
+`judge.mode: local` is the fallback for a machine without a reward node: a second copy, loaded here on
+first use (`judge.model`, `judge.adapters`, ...).
+
+Optional auto-stop: when the reward topic's `completed` flag holds for `auto_stop.completed_frames`
+messages, or after `auto_stop.timeout_s`.
 
 Saving (resample at stop, then encode and write) runs in a niced saver process (`saver: process`), so it
 never holds this process's GIL. `~/stop_episode` first lets the callbacks take what is still queued
@@ -43,11 +50,12 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
-from lrm_interfaces.msg import EpisodeJudgment
+from lrm_interfaces.action import JudgeEpisodes
 from lrm_interfaces.srv import JudgeEpisode, StartEpisode, StopEpisode
 from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
 from lrm_reward.refinement.nightly import NightlyConfig, NightlyRunner
 from lrm_reward.refinement.recorder import EpisodeOutcome, EpisodeRecorder, RecorderBusyError, SaveStatus
+from lrm_reward.ros.judge_action import JudgeActionClient, judgment_message
 from lrm_reward.ros.log_bridge import forward_core_logging
 from lrm_reward.ros.refinement_intake import RecordingIntakeMixin, StreamStats
 from lrm_reward.ros.refinement_params import read_parameters
@@ -67,6 +75,13 @@ STOP_RESULTS = {
     SaveStatus.FAILED: StopEpisode.Response.RESULT_STORAGE_ERROR,
     SaveStatus.NOT_RECORDING: StopEpisode.Response.RESULT_NOT_RECORDING,
     SaveStatus.SAVING: StopEpisode.Response.RESULT_OK,  # stop_waits_for_save false: sealed, saving now
+}
+# reward_node's judge action result -> this node's JudgeEpisode answer (the rest: RESULT_MODEL_ERROR)
+ACTION_RESULTS = {
+    JudgeEpisodes.Result.RESULT_OK: JudgeEpisode.Response.RESULT_OK,
+    JudgeEpisodes.Result.RESULT_OUTSIDE_DATA_ROOT: JudgeEpisode.Response.RESULT_OUTSIDE_DATA_ROOT,
+    JudgeEpisodes.Result.RESULT_NOT_FOUND: JudgeEpisode.Response.RESULT_NOT_FOUND,
+    JudgeEpisodes.Result.RESULT_BUSY: JudgeEpisode.Response.RESULT_BUSY,
 }
 
 
@@ -120,6 +135,12 @@ class RefinementNode(RecordingIntakeMixin, Node):
         self.create_service(StartEpisode, "~/start_episode", self._start, callback_group=own_group())
         self.create_service(StopEpisode, "~/stop_episode", self._stop, callback_group=own_group())
         self.create_service(JudgeEpisode, "~/judge_episode", self._judge, callback_group=own_group())
+        # judge.mode reward_node: the judge service waits (in its own thread) for reward_node's action
+        self._judge_client = (
+            JudgeActionClient(self, self.judge_params["action"])
+            if self.judge_params["mode"] != "local"
+            else None
+        )
         self.nightly = NightlyRunner(self.data_root / "nightly")
         self.create_service(Trigger, "~/run_nightly", self._run_nightly, callback_group=own_group())
         self.create_timer(0.1, self._auto_stop_check, callback_group=own_group())
@@ -242,13 +263,13 @@ class RefinementNode(RecordingIntakeMixin, Node):
             self._finish(EpisodeOutcome.UNKNOWN, reason, StopEpisode.Response(), wait=False)
 
     def _judge(self, req: JudgeEpisode.Request, res: JudgeEpisode.Response) -> JudgeEpisode.Response:
+        """Judge through reward_node's ~/judge_episodes (judge.mode reward_node: its loaded model, no copy
+        here), or with a model of this node's own (judge.mode local, loaded on first use)."""
         from lrm_reward.refinement.judge import (
-            VERDICT_CODES,
             DatasetNotFoundError,
-            JudgeBusyError,
             JudgeConfig,
             calibrate_against_operator,
-            judge_dataset,
+            load_judgments,
         )
 
         jp = self.judge_params
@@ -259,65 +280,90 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 success_threshold=jp["success_threshold"],
                 progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
             )
-            target = resolve_inside(self.data_root, req.dataset)  # refuse before loading any model
+            target = resolve_inside(self.data_root, req.dataset)  # refuse before asking any model
             if not (target / "meta" / "info.json").exists():
                 raise DatasetNotFoundError(f"no recorded dataset at {target}")
-            engine = self._judge_engine()
-            episodes = None if req.episode_index < 0 else [req.episode_index]
+        except OutsideDataRootError as exc:
+            res.result, res.message = JudgeEpisode.Response.RESULT_OUTSIDE_DATA_ROOT, str(exc)
+            return res
+        except DatasetNotFoundError as exc:
+            res.result, res.message = JudgeEpisode.Response.RESULT_NOT_FOUND, str(exc)
+            return res
+        except ValueError as exc:
+            res.result, res.message = JudgeEpisode.Response.RESULT_MODEL_ERROR, f"judge settings: {exc}"
+            return res
+        episodes = None if req.episode_index < 0 else [req.episode_index]
+        if jp["mode"] == "local":
+            judged, summary = self._judge_locally(target, cfg, episodes, req.force, res)
+        else:
+            judged, summary = self._judge_via_reward_node(target, cfg, episodes, req.force, res)
+        if judged is None:
+            if res.result == JudgeEpisode.Response.RESULT_MODEL_ERROR:
+                self.get_logger().error(f"judge failed: {res.message}")
+            return res
+        stored = load_judgments(judged)
+        wanted = episodes if episodes is not None else sorted(stored)
+        res.judgments = [judgment_message(stored[e], str(judged)) for e in wanted if e in stored]
+        res.result = JudgeEpisode.Response.RESULT_OK
+        ok = sum(1 for m in res.judgments if m.success)
+        res.message = f"{summary}; {ok} of {len(res.judgments)} successful"
+        try:
+            res.message += f"; {calibrate_against_operator(judged, cfg, stored)}"
+        except Exception as exc:  # the judgments are written: a failed plot must not fail the call
+            self.get_logger().warning(f"judge calibration failed: {type(exc).__name__}: {exc}")
+        return res
+
+    def _judge_via_reward_node(
+        self, target: Path, cfg, episodes, force: bool, res
+    ) -> tuple[Path | None, str]:
+        """(dataset judged, summary), or (None, _) with res.result / res.message set."""
+        from lrm_reward.ros.judge_action import JudgeServerUnavailableError, goal_for
+
+        jp = self.judge_params
+        try:
+            _status, result = self._judge_client.judge(
+                goal_for(target, cfg, episodes, force), server_timeout_s=jp["server_timeout_s"]
+            )
+        except JudgeServerUnavailableError as exc:
+            res.result = JudgeEpisode.Response.RESULT_MODEL_ERROR
+            res.message = f"{exc} (judge.mode is reward_node; judge.mode local loads a model here instead)"
+            return None, ""
+        except TimeoutError as exc:
+            res.result, res.message = JudgeEpisode.Response.RESULT_MODEL_ERROR, str(exc)
+            return None, ""
+        if result.result != JudgeEpisodes.Result.RESULT_OK:
+            res.result = ACTION_RESULTS.get(result.result, JudgeEpisode.Response.RESULT_MODEL_ERROR)
+            res.message = f"{jp['action']}: {result.message}"
+            return None, ""
+        return Path(result.dataset), f"{jp['action']}: {result.message}"
+
+    def _judge_locally(self, target: Path, cfg, episodes, force: bool, res) -> tuple[Path | None, str]:
+        """The fallback (judge.mode local): a model of this node's own, loaded on first use."""
+        from lrm_reward.refinement.judge import DatasetNotFoundError, JudgeBusyError, judge_dataset
+
+        try:
             run = judge_dataset(
-                req.dataset,
-                engine,
+                target,
+                self._judge_engine(),
                 cfg,
                 episodes=episodes,
-                force=req.force,
+                force=force,
                 progress_bar=False,
                 data_root=self.data_root,
             )
         except OutsideDataRootError as exc:
             res.result, res.message = JudgeEpisode.Response.RESULT_OUTSIDE_DATA_ROOT, str(exc)
-            return res
+            return None, ""
         except (DatasetNotFoundError, IndexError) as exc:
             res.result, res.message = JudgeEpisode.Response.RESULT_NOT_FOUND, str(exc)
-            return res
+            return None, ""
         except JudgeBusyError as exc:
             res.result, res.message = JudgeEpisode.Response.RESULT_BUSY, str(exc)
-            return res
+            return None, ""
         except Exception as exc:  # model load or inference failure: report, stay up
             res.result, res.message = JudgeEpisode.Response.RESULT_MODEL_ERROR, f"{type(exc).__name__}: {exc}"
-            self.get_logger().error(f"judge failed: {res.message}")
-            return res
-        from lrm_reward.refinement.judge import load_judgments
-
-        stored = load_judgments(run.dataset)
-        wanted = [req.episode_index] if req.episode_index >= 0 else sorted(stored)
-        for e in wanted:
-            j = stored.get(e)
-            if j is None:
-                continue
-            msg = EpisodeJudgment()
-            msg.dataset = str(run.dataset)
-            msg.episode_index = j.episode_index
-            msg.task = j.task
-            msg.verdict = VERDICT_CODES[j.verdict]
-            msg.success = j.success
-            msg.confidence = float(j.confidence)
-            msg.completion_prob = float(j.completion_prob)
-            msg.final_progress = float(j.final_progress)
-            msg.curve_frame_indices = [int(i) for i in j.curve_frame_indices]
-            msg.progress_curve = [float(v) for v in j.progress_curve]
-            msg.model_id = j.model_id
-            res.judgments.append(msg)
-        res.result = JudgeEpisode.Response.RESULT_OK
-        ok = sum(1 for m in res.judgments if m.success)
-        res.message = (
-            f"judged {len(run.judged)}, reused {len(run.skipped)} stored judgments; {ok} of "
-            f"{len(res.judgments)} successful"
-        )
-        try:
-            res.message += f"; {calibrate_against_operator(run.dataset, cfg, stored)}"
-        except Exception as exc:  # the judgments are written: a failed plot must not fail the call
-            self.get_logger().warning(f"judge calibration failed: {type(exc).__name__}: {exc}")
-        return res
+            return None, ""
+        return run.dataset, f"judged {len(run.judged)}, reused {len(run.skipped)} stored judgments"
 
     def _run_nightly(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
         """Start judge + refine in child processes (non-blocking); refuse while a run is going."""
@@ -330,13 +376,15 @@ class RefinementNode(RecordingIntakeMixin, Node):
             missing = [str(d) for d in datasets if not (d / "meta" / "info.json").exists()]
             if missing:
                 raise ValueError(f"no recorded dataset at {', '.join(missing)}")
-            if np_["judge"] and not jp["model"]:
+            via_node = jp["mode"] != "local"
+            if np_["judge"] and not via_node and not jp["model"]:
                 raise ValueError("nightly.judge is true but no judge model is configured (judge.model)")
             cfg = NightlyConfig(
                 datasets=datasets,
                 store=Path(np_["store"]).expanduser(),
                 policy=np_["policy"],
-                judge_model=jp["model"] if np_["judge"] else "",
+                judge_model=jp["model"] if np_["judge"] and not via_node else "",
+                judge_via_node=jp["action"] if np_["judge"] and via_node else "",
                 judge_adapters=jp["adapters"],
                 judge_device=jp["device"],
                 judge_dtype=jp["dtype"],
@@ -427,7 +475,9 @@ def main(args: list[str] | None = None, engine_factory=None) -> int:
     node = RefinementNode(engine_factory=engine_factory)
     # a thread per entity: a stop waiting for the saver or a judge run never holds up a callback
     with forward_core_logging(node):  # the core's Python logging -> this node's logger and /rosout
-        return spin_until_shutdown(node, thread_per_entity(node))
+        # + a thread for the judge action client: the judge service waits for its result
+        executor = thread_per_entity(node, extra=0 if getattr(node, "_judge_client", None) is None else 1)
+        return spin_until_shutdown(node, executor)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from lrm_reward.refinement.recorder import RecorderConfig
 
 MESSAGE_TYPES = ("joint_state", "float64_multi_array")  # of action_type and environment_state_type
+JUDGE_MODES = ("reward_node", "local")  # who runs the judge's model (judge.mode)
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,24 @@ def read_parameters(node: Node) -> RefinementSettings:
     auto_stop_frames = p("auto_stop.completed_frames", 0, "stop when `completed` holds N msgs; 0 off")
     timeout_s = p("auto_stop.timeout_s", 0.0, "[s] stop an episode after this long; 0 = off")
     judge = {
-        "model": p("judge.model", "", "reward model (base) folder or Hub id for ~/judge_episode"),
-        "adapters": p("judge.adapters", "", "'progress=DIR,completion=DIR' or a folder of adapters"),
-        "device": p("judge.device", "cpu", "device of the judge model"),
-        "dtype": p("judge.dtype", "auto", "dtype of the judge model"),
+        "mode": p(
+            "judge.mode",
+            "reward_node",
+            "reward_node: judge with reward_node's loaded model (judge.action); local: load a second "
+            "copy here (judge.model ...), only where no reward_node runs",
+        ),
+        "action": p(
+            "judge.action",
+            "/reward_node/judge_episodes",
+            "reward_node's judge action (judge.mode reward_node)",
+        ),
+        "server_timeout_s": p(
+            "judge.server_timeout_s", 10.0, "[s] wait this long for the judge action server to appear"
+        ),
+        "model": p("judge.model", "", "judge.mode local: reward model (base) folder or Hub id"),
+        "adapters": p("judge.adapters", "", "judge.mode local: 'progress=DIR,completion=DIR' or a folder"),
+        "device": p("judge.device", "cpu", "judge.mode local: device of the judge model"),
+        "dtype": p("judge.dtype", "auto", "judge.mode local: dtype of the judge model"),
         "completion_last_n": p("judge.completion_last_n", 3, "completion asked on the last N frames"),
         "curve_every_k": p("judge.curve_every_k", 10, "progress curve sampled every k frames"),
         "success_threshold": p("judge.success_threshold", 0.5, "mean completion prob for success"),
@@ -87,7 +102,11 @@ def read_parameters(node: Node) -> RefinementSettings:
         "steps": p("nightly.steps", 2000, "training steps of lrm-refine"),
         "batch_size": p("nightly.batch_size", 8, "batch size of lrm-refine"),
         "device": p("nightly.device", "cpu", "training device of lrm-refine"),
-        "judge": p("nightly.judge", True, "judge the datasets first (judge.* parameters)"),
+        "judge": p(
+            "nightly.judge",
+            True,
+            "judge the datasets first (judge.* parameters; judge.mode reward_node: lrm-judge --via-node)",
+        ),
         "judge_args": p("nightly.judge_args", [""], "extra lrm-judge arguments"),
         "refine_args": p("nightly.refine_args", [""], "extra lrm-refine arguments"),
     }
@@ -116,6 +135,8 @@ def read_parameters(node: Node) -> RefinementSettings:
     for label, kind in (("action_type", action_type), ("environment_state_type", env_type)):
         if kind not in MESSAGE_TYPES:
             raise ValueError(f"{label} must be joint_state or float64_multi_array, not {kind!r}")
+    if judge["mode"] not in JUDGE_MODES:
+        raise ValueError(f"judge.mode must be one of {JUDGE_MODES}, not {judge['mode']!r}")
     if env_topic and env_type == "float64_multi_array" and not env_names:
         raise ValueError("environment_state_names is required for a float64_multi_array environment state")
     stop_waits = p(

@@ -14,6 +14,16 @@ Topics: subscribes to ``image`` (one camera) or the names in ``image_topics`` (g
 parameters). Publishes ``~/reward`` (lrm_interfaces/RewardSignal), ``~/completed`` (std_msgs/Bool),
 ``~/annotated`` (sensor_msgs/Image, only drawn while someone subscribes) and ``/diagnostics`` at 1 Hz.
 Services: ``~/set_task`` (lrm_interfaces/SetTask), ``~/reset_episode`` (std_srvs/Trigger).
+Action: ``~/judge_episodes`` (lrm_interfaces/JudgeEpisodes) judges recorded episodes with the model this node
+has loaded, whenever it holds one (inactive or active), so the refinement node and the nightly ``lrm-judge
+--via-node`` need no copy of their own (ros/judge_action.py; it runs on its own executor thread).
+
+How live scoring and judging share the one engine (core/engine_sharing.py, ``SharedEngine``): one model call
+at a time; the scoring worker's calls go first, a judge call runs in between and holds the model for at most
+``judge.queries_per_call`` queries, so a live frame waits at most one such call; a judge call waiting longer
+than ``judge.max_yield_s`` behind live calls goes next, so judging always progresses. Camera callbacks never
+touch the model and are never held up by judging (they run on this node's executor, the judge on its own).
+Releasing the model (deactivate + cleanup, shutdown) first stops a running judge goal between two calls.
 
 Frame rule — every decoded frame of an active node with a task gets exactly one RewardSignal:
 - a frame the tracker holds (not due for a query) is answered at once from the callback, with held=True
@@ -36,8 +46,8 @@ reward per joined set is published (stream = the topics joined by '+'); frames t
 
 Where the pieces live: ``reward_params`` (the parameter table, validation, the configs built from it),
 ``reward_intake`` (camera subscriptions, conversion, pairing, the latest-wins slots), ``reward_publishing``
-(reward, completion and annotated messages, /diagnostics). This module is the node itself: state,
-lifecycle, the worker that calls the engine, the services and ``main``.
+(reward, completion and annotated messages, /diagnostics), ``judge_action`` (the judge action server). This
+module is the node itself: state, lifecycle, the worker that calls the engine, the services and ``main``.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import math
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import rclpy
@@ -57,10 +68,12 @@ from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
 from lrm_interfaces.srv import SetTask
+from lrm_reward.core.engine_sharing import SharedEngine
 from lrm_reward.core.frame_slots import LatestFrameSlots
 from lrm_reward.core.pairing import ApproximateTimePairer
 from lrm_reward.core.serving_stats import FaultCounter, LatencyWindow, RateWindow
 from lrm_reward.core.tracking import ENGINE_ERROR_PREFIX, EpisodeTracker, TrackerConfig, ask_engine
+from lrm_reward.ros.judge_action import JudgeActionServer, JudgeServerSettings
 from lrm_reward.ros.log_bridge import forward_core_logging
 from lrm_reward.ros.reward_intake import FrameIntakeMixin, PendingFrame, Stream
 from lrm_reward.ros.reward_params import (
@@ -98,6 +111,7 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self._engine = None
+        self._shared: SharedEngine | None = None  # the engine as live scoring and judging share it
         self._model_id = ""
         self._load_error = ""
         self._task = ""
@@ -133,11 +147,18 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
         self.create_service(SetTask, "~/set_task", self._on_set_task)
         self.create_service(Trigger, "~/reset_episode", self._on_reset_episode)
+        self._judging = JudgeActionServer(self, lambda: self._shared, self._judge_settings)
 
     # -- parameters ----------------------------------------------------------------------------------
 
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
+
+    def _judge_settings(self) -> JudgeServerSettings:
+        return JudgeServerSettings(
+            data_root=Path(self._param("judge.data_root")).expanduser(),
+            queries_per_call=self._param("judge.queries_per_call"),
+        )
 
     def _tracker_config(self, overrides: dict[str, Any] | None = None) -> TrackerConfig:
         """TrackerConfig from the current parameters (with overrides); raises ValueError when invalid."""
@@ -201,6 +222,7 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
             return TransitionCallbackReturn.FAILURE
         self._load_error = ""
         self._model_id = str(getattr(self._engine, "model_id", engine_cfg.base_model))
+        self._shared = SharedEngine(self._engine, max_yield_s=self._param("judge.max_yield_s"))
         self.get_logger().info(f"model {self._model_id} loaded in {time.monotonic() - started:.1f} s")
 
         self._task = self._param("task")
@@ -256,7 +278,9 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
             self._publish_dropped(item)
 
     def _release(self) -> None:
-        """Free the model (GPU memory) and forget the streams."""
+        """Stop a running judge goal, free the model (GPU memory) and forget the streams."""
+        self._shared = None  # no new judge goal gets the engine from here on
+        self._judging.stop_running_goal()
         if self._engine is not None:
             try:
                 self._engine.close()
@@ -269,12 +293,14 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         self._pairer = None
 
     def shutdown_cleanly(self) -> None:
-        """Stop the worker and free the model whatever the lifecycle state (on SIGINT / SIGTERM)."""
+        """Stop the worker and the judge, free the model whatever the lifecycle state (SIGINT / SIGTERM)."""
         self._active.clear()
         self._slots.close()
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+        self._shared = None
+        self._judging.close()
         if self._engine is not None:
             with contextlib.suppress(Exception):
                 self._engine.close()
@@ -319,7 +345,7 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         """One engine call for every pending frame of every stream, then publish each frame's reward."""
         queries = [q for item in items for q in item.plan.queries]
         started = time.monotonic()
-        answers = ask_engine(self._engine, queries)
+        answers = ask_engine(self._shared, queries)
         engine_failed = False
         for answer in answers:
             if answer.parsed:

@@ -96,7 +96,18 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     ),
     "model.backend": (
         "local",
-        _describe("engine backend: 'local' (in-process transformers)", read_only=True),
+        _describe(
+            "engine backend: 'local' (in-process transformers) | 'vllm' (vLLM servers, docs/vllm.md)",
+            read_only=True,
+        ),
+    ),
+    "model.server_url": (
+        "",
+        _describe("backend vllm: server URL(s), comma-separated, from lrm-vllm-server", read_only=True),
+    ),
+    "model.allow_remote": (
+        False,
+        _describe("backend vllm: allow a server_url that is not on this machine (loopback)", read_only=True),
     ),
     "model.readout": ("logits", _describe(f"how answers are read: one of {READOUTS}", read_only=True)),
     "model.device": ("cuda", _describe("torch device: cpu, cuda, cuda:1, ...", read_only=True)),
@@ -155,6 +166,24 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         ),
     ),
     "publish_annotated": (True, _describe("publish ~/annotated (drawn only while it has subscribers)")),
+    "judge.data_root": (
+        "~/lrm_data",
+        _describe("~/judge_episodes judges only datasets inside this folder (refinement_node's data_root)"),
+    ),
+    "judge.queries_per_call": (
+        4,
+        _describe(
+            "queries per model call while judging: live scoring waits for at most one such call; "
+            "larger = faster judging, slower live answers meanwhile"
+        ),
+    ),
+    "judge.max_yield_s": (
+        1.0,
+        _describe(
+            "[s] a judge call lets waiting live calls go first for at most this long (so busy cameras slow "
+            "judging down, never stop it); applied at configure"
+        ),
+    ),
 }
 
 
@@ -229,6 +258,12 @@ def check_parameter(
         return f"model.max_batch_size must be >= 1, got {value}"
     if name == "model.base" and not str(value).strip():
         return "model.base must name a checkpoint folder or Hub id"
+    if name == "judge.data_root" and not str(value).strip():
+        return "judge.data_root must name a folder (the data root of the recordings to judge)"
+    if name == "judge.queries_per_call" and value < 1:
+        return f"judge.queries_per_call must be >= 1, got {value}"
+    if name == "judge.max_yield_s" and not (math.isfinite(value) and value >= 0):
+        return f"judge.max_yield_s must be a finite number >= 0, got {value}"
     return None
 
 
@@ -250,6 +285,8 @@ def engine_config_from(current: Callable[[str], Any]):
         compile=current("model.compile"),
         local_files_only=current("model.local_files_only"),
         backend=current("model.backend"),
+        server_url=current("model.server_url") or None,
+        allow_remote=current("model.allow_remote"),
         processor=current("model.processor") or None,
         max_task_chars=current("max_task_chars"),
     )

@@ -168,4 +168,5 @@ class RewardOutputsMixin:
         array = build_diagnostics(self.get_name(), health, streams, self._param("camera_timeout_s"), stamp)
         if getattr(self._engine, "base_only", False):
             _flag_base_only(array.status[0])
+        array.status.append(self._judging.diagnostic_status())
         self._diagnostics_pub.publish(array)

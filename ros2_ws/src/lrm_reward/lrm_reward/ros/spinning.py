@@ -66,12 +66,13 @@ class SubmitOnceExecutor(MultiThreadedExecutor):
         handler()
 
 
-def thread_per_entity(node: Node) -> SubmitOnceExecutor:
+def thread_per_entity(node: Node, extra: int = 0) -> SubmitOnceExecutor:
     """A SubmitOnceExecutor with a thread for every subscription, service, client and timer of `node`, so
     that a service waiting seconds (a save, a judge run) never leaves a callback waiting for a thread.
-    Idle threads cost nothing."""
+    Idle threads cost nothing. `extra`: more threads, e.g. for an action client that a waiting service
+    needs served meanwhile (its responses arrive through the executor too)."""
     entities = [*node.subscriptions, *node.services, *node.clients, *node.timers]
-    return SubmitOnceExecutor(num_threads=len(entities) + 1)
+    return SubmitOnceExecutor(num_threads=len(entities) + 1 + extra)
 
 
 def spin_until_shutdown(
