@@ -77,7 +77,7 @@ def _success_per_round(done: dict, plt) -> str:
         lows.append(lo)
         highs.append(hi)
         rows.append(
-            f"<tr><td>{r}</td><td>{html.escape(roll['policy_version'])}</td><td>{k} / {n}</td>"
+            f"<tr><td>round {r}</td><td>{html.escape(roll['policy_version'])}</td><td>{k} / {n}</td>"
             f"<td>{k / n:.0%}</td><td>{lo:.0%} - {hi:.0%}</td></tr>"
         )
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 2.8))
