@@ -48,6 +48,7 @@ setup(
             "lrm-score = lrm_reward.bags.offline_scoring:main",
             "lrm-vllm-server = lrm_reward.serving.vllm_server:main",
             "lrm-distill = lrm_reward.student.train:main",
+            "lrm-nightly = lrm_reward.ros.nightly_client:main",
         ],
     },
 )
