@@ -80,8 +80,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--camera-view",
         default="workspace",
-        choices=["workspace", "front"],
-        help="what the camera shows (workspace: the table from above; front: the environment's far camera)",
+        choices=["workspace", "workspace_low", "front"],
+        help="what the camera shows (workspace: the table from above; workspace_low: closer and lower, so "
+        "height shows; front: the environment's far camera)",
     )
     p.add_argument(
         "--judge-threshold",

@@ -189,6 +189,28 @@ def test_zero_mode_zeros_reward_between_queries_but_keeps_values():
     assert rewards[1].held and rewards[1].progress == pytest.approx(0.8)
 
 
+def test_student_mode_holds_and_with_student_replaces_the_held_values_with_its_own():
+    cfg = TrackerConfig(
+        modalities=(P, C, D),
+        interval_frames=3,
+        between="student",
+        weights={"progress": 1.0, "contrastive": 1.0, "completion": 2.0},
+    )
+    tracker = EpisodeTracker("task", cfg)
+    engine = FakeEngine({P: 0.2, C: 0.6, D: 0.1})
+    rewards = [run_frame(tracker, engine, i)[1] for i in range(5)]  # queried: 0 and 3 (contrastive: 3)
+    first, held = rewards[3], rewards[4]
+    assert held.held and not held.student and held.progress == pytest.approx(0.2)  # the tracker holds
+    filled = tracker.with_student(held, progress=0.7, completion=1.4)  # out of range: clipped
+    assert filled.student and filled.held and not filled.queried
+    assert (filled.progress, filled.completion_prob) == pytest.approx((0.7, 1.0))
+    assert filled.contrastive == pytest.approx(0.6) and filled.completed == held.completed  # the model's
+    assert filled.reward == pytest.approx((0.7 + (0.6 + 1) / 2 + 2 * 1.0) / 4)
+    assert filled.frame_index == held.frame_index and filled.scored_stamp_s == first.stamp_s
+    # the tracker's own values are untouched: the next held frame holds the model's again
+    assert run_frame(tracker, engine, 5)[1].progress == pytest.approx(0.2)
+
+
 def test_held_counts_frames_and_does_not_query():
     tracker = EpisodeTracker("task", TrackerConfig(modalities=(P,), interval_frames=2))
     engine = FakeEngine({P: 0.3})

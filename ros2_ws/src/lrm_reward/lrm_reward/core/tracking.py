@@ -21,6 +21,7 @@ from a wall clock, so tests and replays are deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ import numpy as np
 from lrm_reward.core.images import to_rgb_uint8
 from lrm_reward.core.types import Answer, Modality, Query, RewardResult
 
-BETWEEN_MODES = ("hold", "zero")
+# "student": the tracker holds, and the caller fills the frames between queries with a distilled student's
+# values (student/between.py; with_student below), falling back to hold where it has no student.
+BETWEEN_MODES = ("hold", "zero", "student")
 
 # Prefix of Answer.error when score_frames turns an engine exception into failed answers.
 ENGINE_ERROR_PREFIX = "engine raised "
@@ -389,9 +392,12 @@ class EpisodeTracker:
 
     def fused_reward(self) -> float:
         """Weighted mean of the available modality values (contrastive mapped to [0, 1]); 0 if none."""
+        return self._fuse(self._values)
+
+    def _fuse(self, values: dict[Modality, float]) -> float:
         total = 0.0
         weight_sum = 0.0
-        for modality, value in self._values.items():
+        for modality, value in values.items():
             weight = self._weights.get(modality, 0.0)
             if weight <= 0:
                 continue
@@ -400,6 +406,23 @@ class EpisodeTracker:
             total += weight * value
             weight_sum += weight
         return total / weight_sum if weight_sum > 0 else 0.0
+
+    def with_student(self, held: RewardResult, progress: float, completion: float) -> RewardResult:
+        """A held frame's result with the student's progress and completion in place of the held ones
+        (for the modalities the tracker asks), the reward fused from them. Contrastive (no student) and the
+        completion flag stay the teacher's: the flag flips only on the reward model's own answers."""
+        values = dict(self._values)
+        if Modality.PROGRESS in self.cfg.modalities:
+            values[Modality.PROGRESS] = min(max(float(progress), 0.0), 1.0)
+        if Modality.COMPLETION in self.cfg.modalities:
+            values[Modality.COMPLETION] = min(max(float(completion), 0.0), 1.0)
+        return dataclasses.replace(
+            held,
+            progress=values.get(Modality.PROGRESS, float("nan")),
+            completion_prob=values.get(Modality.COMPLETION, float("nan")),
+            reward=self._fuse(values),
+            student=True,
+        )
 
     def _debounce(self, completion_prob: float) -> None:
         done = completion_prob >= self.cfg.completion_threshold

@@ -74,6 +74,7 @@ class RewardResult:
     reward: float = 0.0  # fused reward
     held: bool = False  # True when the values are repeated (or zeroed) between queries
     queried: bool = False  # True when the model was asked on this frame
+    student: bool = False  # True when progress / completion_prob / reward are the distilled student's
     unparsed: int = 0  # answers on this frame that did not parse
     latency_s: float = 0.0  # model latency of the query behind these values
     reasoning: str = ""  # last chain-of-thought text, when on

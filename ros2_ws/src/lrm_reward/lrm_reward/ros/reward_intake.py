@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -48,6 +49,8 @@ class Stream:
     topics: list[str]
     compressed: list[bool]
     tracker: EpisodeTracker | None = None
+    between: Any = None  # student.between.StudentBetween when a student fills the frames between queries
+    between_checked: bool = True  # False until the first frame has checked the student's frame size
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards tracker and scored_stamps
     scored_stamps: OrderedDict[float, Time] = field(default_factory=OrderedDict)
     frames_in: int = 0
@@ -134,10 +137,11 @@ class FrameIntakeMixin:
                 self._notice("no_task", "frames arrive but there is no task: call ~/set_task")
                 return
             plan = tracker.plan(rgb, stamp_s)
+            self._student_first_frame(stream, rgb)
             if plan.queries:
                 self._remember_scored_stamp(stream, stamp_s, header.stamp)
             else:
-                held = tracker.update(plan, [])
+                held = self._student_fill(stream, tracker.update(plan, []), rgb, stamp_s)
         if held is not None:
             self._publish(stream, header, rgb, held, received, model_s=0.0)
             return

@@ -86,6 +86,7 @@ from lrm_reward.ros.reward_params import (
     tracker_config_from,
 )
 from lrm_reward.ros.reward_publishing import RewardOutputsMixin
+from lrm_reward.ros.reward_student import STUDENT_PARAMETERS, StudentMixin
 from lrm_reward.ros.serving_lifecycle import ServingLifecycleMixin
 from lrm_reward.ros.spinning import spin_until_shutdown
 
@@ -99,7 +100,7 @@ def engine_fault_kind(error: str) -> str:
     return "out_of_memory" if "out of memory" in error.lower() else "engine_error"
 
 
-class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, LifecycleNode):
+class RewardNode(FrameIntakeMixin, RewardOutputsMixin, StudentMixin, ServingLifecycleMixin, LifecycleNode):
     """See the module docstring; ``engine_factory`` (default make_engine) lets benchmarks fake the model."""
 
     def __init__(self, engine_factory=None, **kwargs) -> None:
@@ -192,6 +193,8 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         if names & set(TRACKER_PARAMETERS):
             self._start_new_episode(None, self._tracker_config())
             self.get_logger().info("scoring parameters changed: a new episode started with them")
+        if names & {"between", *STUDENT_PARAMETERS}:
+            self._load_student_for_task()
         if names & set(CONFIGURE_PARAMETERS):
             self.get_logger().info(f"{sorted(names & set(CONFIGURE_PARAMETERS))} apply at the next configure")
 
@@ -227,6 +230,7 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
 
         self._task = self._param("task")
         self._build_streams(tracker_cfg)
+        self._load_student_for_task()
         self._create_output_publishers()
         if not self._task.strip():
             self.get_logger().warning(
@@ -376,6 +380,8 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
                 if tracker is None:
                     continue
                 result = tracker.update(item.plan, frame_answers)
+                if result.queried:
+                    self._student_anchor(item.stream, frame_answers, item.rgb, item.plan.stamp_s)
             self._publish(item.stream, item.header, item.rgb, result, item.received_s, model_s=model_s)
 
     # -- services ------------------------------------------------------------------------------------
@@ -423,7 +429,10 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
         not apply its answers to the new episode).
         """
         if task is not None:
+            task_changed = task != self._task
             self._task = task
+        else:
+            task_changed = False
         if not self._task.strip():
             return 0  # nothing to reset: trackers are built when the first task arrives
         episode = 0
@@ -439,10 +448,13 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, ServingLifecycleMixin, Li
                     stream.tracker = tracker
                 else:
                     old.reset(task)
+                self._student_reset(stream)
                 episode = max(episode, stream.tracker.episode_id)
         if self._pairer is not None:
             with self._pair_lock:
                 self._pairer.reset()
+        if task_changed:
+            self._load_student_for_task()  # a student is made for one task
         self.get_logger().info(f"episode {episode}: task {self._task[:80]!r}")
         return episode
 

@@ -140,7 +140,33 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     ),
     "between": (
         "hold",
-        _describe("between queries: 'hold' repeats the last values, 'zero' zeros the reward"),
+        _describe(
+            "between queries: 'hold' repeats the last values, 'zero' zeros the reward, 'student' fills them "
+            "with a distilled student (student.path; hold where there is none)"
+        ),
+    ),
+    "student.path": (
+        "",
+        _describe(
+            "between: student: lrm-distill's output -- a version folder, a student folder (its newest "
+            "version) or the adapters folder holding student/"
+        ),
+    ),
+    "student.camera": (
+        "",
+        _describe("the camera name the student must have been made for (e.g. 'front'); '' = not checked"),
+    ),
+    "student.anchor": (
+        "raw",
+        _describe("'raw': the student's own values between queries; 'offset': continued from the last query"),
+    ),
+    "student.progress_warn": (
+        0.2,
+        _describe("mean |student - reward model| progress on queried frames above this -> WARN (drift)"),
+    ),
+    "student.completion_warn": (
+        0.34,
+        _describe("fraction of queried frames where student and reward model disagree on done -> WARN"),
     ),
     "weights.progress": (1.0, _describe("fusion weight of progress (>= 0)")),
     "weights.contrastive": (1.0, _describe("fusion weight of contrastive (>= 0)")),
@@ -258,6 +284,12 @@ def check_parameter(
         return f"model.max_batch_size must be >= 1, got {value}"
     if name == "model.base" and not str(value).strip():
         return "model.base must name a checkpoint folder or Hub id"
+    if name == "student.anchor" and value not in ("raw", "offset"):
+        return f"student.anchor must be 'raw' or 'offset', got {value!r}"
+    if name in ("student.progress_warn", "student.completion_warn") and not (
+        math.isfinite(value) and 0 < value <= 1
+    ):
+        return f"{name} must be in (0, 1], got {value}"
     if name == "judge.data_root" and not str(value).strip():
         return "judge.data_root must name a folder (the data root of the recordings to judge)"
     if name == "judge.queries_per_call" and value < 1:

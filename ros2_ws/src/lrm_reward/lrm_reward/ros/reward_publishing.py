@@ -91,6 +91,7 @@ class RewardOutputsMixin:
         msg.reward = result.reward
         msg.held = result.held
         msg.queried = result.queried
+        msg.student = result.student
         msg.unparsed = result.unparsed
         msg.model_id = self._model_id
         msg.query_latency = result.latency_s
@@ -169,4 +170,7 @@ class RewardOutputsMixin:
         if getattr(self._engine, "base_only", False):
             _flag_base_only(array.status[0])
         array.status.append(self._judging.diagnostic_status())
+        student = self._student_diagnostic_status()
+        if student is not None:
+            array.status.append(student)
         self._diagnostics_pub.publish(array)
