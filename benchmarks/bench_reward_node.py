@@ -10,7 +10,9 @@ reward published, minus model time) is read from /diagnostics. Prints one table.
     . scripts/env.sh && python benchmarks/bench_reward_node.py [--seconds 10] [--model-ms 20] [--cameras 1 3]
 
 Measured twice by default: with Fast DDS's default transports, and with a 32 MB shared-memory segment
-(see LARGE_SHM_PROFILE: the default segment is smaller than one 640x480 frame).
+(see LARGE_SHM_PROFILE: the default segment is smaller than one 640x480 frame); and, for each, with
+``between: hold`` and ``between: student`` (an untrained student of lrm-distill's default architecture,
+made for this camera: its cost per held frame, not its values, is the point).
 
 Runs itself inside ``unshare -n`` (only loopback) when it is not already in such a namespace.
 Not a test: nothing here asserts; the design target is p95 <= 5 ms with no unexplained drops.
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, FPS = 640, 480, 30
 INTERVAL_FRAMES = 10
 DOMAIN_ID = "63"
+TASK = "stack the blocks"
 
 # Fast DDS's default shared-memory segment (512 KiB) is smaller than one 640x480 rgb8 frame (900 KiB), so
 # by default such frames go over UDP loopback in fragments, which best-effort QoS loses under load. A larger
@@ -125,7 +128,28 @@ def use_transport(transport: str, workdir: Path) -> None:
             os.environ[name] = str(profile)
 
 
-def measure(cameras: int, seconds: float, model_s: float, workdir: Path, transport: str) -> dict:
+def write_bench_student(workdir: Path, task: str) -> Path:
+    """An untrained student of lrm-distill's default architecture for this task and a 640x480 camera."""
+    import torch
+
+    from lrm_reward.student import store
+    from lrm_reward.student.model import StudentArch, StudentNet
+
+    arch = StudentArch()
+    torch.manual_seed(0)
+    config = {
+        "task": task,
+        "camera": {"name": "", "source_shape": [HEIGHT, WIDTH]},
+        "arch": arch.to_json(),
+        "completion_threshold": 0.5,
+        "validation": {},
+    }
+    return store.write_version(workdir / "student", StudentNet(arch).state_dict(), config)
+
+
+def measure(
+    cameras: int, seconds: float, model_s: float, workdir: Path, transport: str, between: str = "hold"
+) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
@@ -135,12 +159,16 @@ def measure(cameras: int, seconds: float, model_s: float, workdir: Path, transpo
 
     use_transport(transport, workdir)
     topics = [f"/bench/camera_{i}/image_raw" for i in range(cameras)]
-    params = workdir / f"bench_{cameras}.yaml"
+    params = workdir / f"bench_{cameras}_{between}.yaml"
+    student = ""
+    if between == "student":
+        student = f"    student:\n      path: {write_bench_student(workdir, TASK)}\n"
     params.write_text(
         "reward_node:\n  ros__parameters:\n"
-        f"    task: stack the blocks\n    image_topics: {topics}\n"
+        f"    task: {TASK}\n    image_topics: {topics}\n"
         "    model:\n      base: constant-time-fake\n      device: cpu\n"
         f"    interval_frames: {INTERVAL_FRAMES}\n    camera_timeout_s: 5.0\n"
+        f"    between: {between}\n{student}"
     )
     me = [sys.executable, str(Path(__file__).resolve())]
     node_log = open(workdir / f"node_{cameras}.log", "wb")  # noqa: SIM115 - closed below
@@ -166,12 +194,14 @@ def measure(cameras: int, seconds: float, model_s: float, workdir: Path, transpo
     executor.add_node(node)
     latencies: dict[str, list[float]] = {"held": [], "queried": []}
     received = 0
+    from_student = 0
     diagnostics: list[DiagnosticArray] = []
 
     def on_reward(msg: RewardSignal) -> None:
-        nonlocal received
+        nonlocal received, from_student
         now = time.time()
         received += 1
+        from_student += msg.student
         sent = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         model = msg.query_latency if msg.queried else 0.0
         latencies["queried" if msg.queried else "held"].append(now - sent - model)
@@ -225,6 +255,8 @@ def measure(cameras: int, seconds: float, model_s: float, workdir: Path, transpo
     return {
         "transport": transport,
         "cameras": cameras,
+        "between": between,
+        "student": from_student,
         "sent": sent,
         "frames_in": int(stats.get("frames in", -1)),
         "rewards_out": int(stats.get("rewards out", -1)),
@@ -249,14 +281,16 @@ def print_table(rows: list[dict], model_ms: float, seconds: float) -> None:
         "node = the node's own view (callback entry -> reward published, minus model time), last 500 frames\n"
     )
     header = (
-        f"{'transport':>15} {'cameras':>7} {'sent':>6} {'in':>6} {'out':>6} {'recv':>6} {'dropped':>7} "
+        f"{'transport':>15} {'cameras':>7} {'between':>7} {'student':>7} "
+        f"{'sent':>6} {'in':>6} {'out':>6} {'recv':>6} {'dropped':>7} "
         f"{'p50 ms':>7} {'p95 ms':>7} {'held p95':>8} {'scored p95':>10} {'node p50':>8} {'node p95':>8}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['transport']:>15} {r['cameras']:>7} {r['sent']:>6} {r['frames_in']:>6} "
+            f"{r['transport']:>15} {r['cameras']:>7} {r['between']:>7} {r['student']:>7} "
+            f"{r['sent']:>6} {r['frames_in']:>6} "
             f"{r['rewards_out']:>6} {r['rewards']:>6} {r['dropped']:>7} "
             f"{r['p50']:>7.2f} {r['p95']:>7.2f} {r['held_p95']:>8.2f} {r['queried_p95']:>10.2f} "
             f"{r['node_p50']:>8} {r['node_p95']:>8}"
@@ -264,6 +298,7 @@ def print_table(rows: list[dict], model_ms: float, seconds: float) -> None:
     print(
         "\nsent: frames published; in: frames the node received (sent - in: lost by best-effort DDS);\n"
         "out: rewards the node published (in - out: frames never answered); recv: rewards received here;\n"
+        "student: rewards received with the student's values (between: student; the first camera only);\n"
         "dropped: frames due for the model but replaced by a newer one while it was busy (answered as held)"
     )
 
@@ -275,6 +310,13 @@ def main() -> int:
     parser.add_argument("--model-ms", type=float, default=20.0)
     parser.add_argument("--cameras", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--topics", nargs="*", default=[])
+    parser.add_argument(
+        "--between",
+        nargs="+",
+        choices=("hold", "student"),
+        default=["hold", "student"],
+        help="what fills the frames between queries",
+    )
     parser.add_argument(
         "--transports",
         nargs="+",
@@ -295,9 +337,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_reward_node_") as tmp:
         os.environ.setdefault("ROS_LOG_DIR", tmp)
         rows = [
-            measure(n, args.seconds, args.model_ms / 1000, Path(tmp), transport)
+            measure(n, args.seconds, args.model_ms / 1000, Path(tmp), transport, between)
             for transport in args.transports
             for n in args.cameras
+            for between in args.between
         ]
     print_table(rows, args.model_ms, args.seconds)
     return 0
