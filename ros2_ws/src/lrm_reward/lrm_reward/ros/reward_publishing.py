@@ -37,6 +37,25 @@ def _flag_base_only(status: DiagnosticStatus) -> None:
     status.values.append(KeyValue(key="adapters", value=f"none: {BASE_ONLY}"))
 
 
+def _flag_server_health(status: DiagnosticStatus, engine) -> None:
+    """A served backend (model.backend vllm): whether its servers answer, and its faults by kind. A server
+    that does not answer is an ERROR: no frame gets a new score until it is back (frames are held)."""
+    try:
+        ok, line = engine.health()
+    except Exception as exc:  # diagnostics must not fail on a backend's report
+        ok, line = False, f"server health unknown: {type(exc).__name__}: {exc}"
+    if not ok:
+        status.level = DiagnosticStatus.ERROR
+        status.message = f"{line}; {status.message}"
+    status.values.append(KeyValue(key="server", value=line))
+    stats = getattr(engine, "stats", None)
+    for kind, count in sorted((getattr(stats, "server_faults", None) or {}).items()):
+        status.values.append(KeyValue(key=f"server faults {kind}", value=str(count)))
+    if stats is not None and hasattr(stats, "reconnects"):
+        status.values.append(KeyValue(key="server reconnects", value=str(stats.reconnects)))
+        status.values.append(KeyValue(key="server failed fast", value=str(stats.failed_fast)))
+
+
 class RewardOutputsMixin:
     """Outputs of ``RewardNode``: uses its parameters, counters, engine and model id, streams and task."""
 
@@ -169,6 +188,8 @@ class RewardOutputsMixin:
         array = build_diagnostics(self.get_name(), health, streams, self._param("camera_timeout_s"), stamp)
         if getattr(self._engine, "base_only", False):
             _flag_base_only(array.status[0])
+        if callable(getattr(self._engine, "health", None)):
+            _flag_server_health(array.status[0], self._engine)
         array.status.append(self._judging.diagnostic_status())
         student = self._student_diagnostic_status()
         if student is not None:
