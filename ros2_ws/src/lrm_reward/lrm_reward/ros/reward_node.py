@@ -295,6 +295,8 @@ class RewardNode(FrameIntakeMixin, RewardOutputsMixin, StudentMixin, ServingLife
         self._streams = []
         self._paired = None
         self._pairer = None
+        self._student, self._student_stream = None, None
+        self._student_status = "not configured"
 
     def shutdown_cleanly(self) -> None:
         """Stop the worker and the judge, free the model whatever the lifecycle state (SIGINT / SIGTERM)."""

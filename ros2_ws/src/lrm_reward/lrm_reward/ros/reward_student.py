@@ -10,7 +10,9 @@ the student on every frame the reward model answered, and reports the drift betw
 
 Bad input: no student at the path -> WARN and hold (as ``between: hold``); a student made for another task,
 camera (``student.camera``) or frame size -> ERROR naming what it was made for, counted, and hold; a student
-that fails on a frame -> counted, that frame held. The node stays up in every case.
+that fails on a frame -> counted, that frame held. The node stays up in every case. A due frame the model
+never got (dropped: a newer one replaced it while the model was busy) is answered as held, without the
+student.
 
 Which stream: the student serves the first entry of ``image_topics`` (one camera, as lrm-distill makes it
 from one camera); the other streams, and a ``paired`` stream, hold.
