@@ -220,6 +220,7 @@ def write_bag(path: Path, spec: BagSpec, extra: list[tuple[float, str, str, byte
                 reward=s.value,
                 held=False,
                 queried=True,
+                student=False,
                 unparsed=0,
                 model_id="test",
                 query_latency=0.0,

@@ -198,6 +198,7 @@ def write_bag_with_rewards(
                     reward=progress,
                     held=k not in scored,
                     queried=k in scored,
+                    student=False,
                     unparsed=int(ep.unparsed[k]),
                     model_id=scores.model_id,
                     query_latency=float("nan"),
