@@ -54,6 +54,9 @@ def test_reward_node_scores_through_vllm_and_rides_out_a_server_crash(start_node
             "adapters": {"completion": str(tiny.adapters["completion"])},
             "backend": "vllm",
             "server_url": up.url,
+            # a loaded 2-core CI machine can take more than the default 10 s over a call; the kill below
+            # fails fast (connection refused), not by this timeout
+            "request_timeout_s": 60.0,
             "device": "cpu",
             "dtype": "float32",
         },

@@ -109,6 +109,13 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
         False,
         _describe("backend vllm: allow a server_url that is not on this machine (loopback)", read_only=True),
     ),
+    "model.request_timeout_s": (
+        10.0,
+        _describe(
+            "backend vllm: seconds one scoring call may take, then its frames count as failed",
+            read_only=True,
+        ),
+    ),
     "model.readout": ("logits", _describe(f"how answers are read: one of {READOUTS}", read_only=True)),
     "model.device": ("cuda", _describe("torch device: cpu, cuda, cuda:1, ...", read_only=True)),
     "model.dtype": ("auto", _describe(f"weights dtype: one of {DTYPES}", read_only=True)),
@@ -280,6 +287,8 @@ def check_parameter(
         return f"model.dtype must be one of {DTYPES}, got {value!r}"
     if name == "model.compile" and value not in COMPILE_MODES:
         return f"model.compile must be one of {COMPILE_MODES}, got {value!r}"
+    if name == "model.request_timeout_s" and not (math.isfinite(value) and value > 0):
+        return f"model.request_timeout_s must be a finite number > 0, got {value}"
     if name == "model.max_batch_size" and value < 1:
         return f"model.max_batch_size must be >= 1, got {value}"
     if name == "model.base" and not str(value).strip():
@@ -319,6 +328,7 @@ def engine_config_from(current: Callable[[str], Any]):
         backend=current("model.backend"),
         server_url=current("model.server_url") or None,
         allow_remote=current("model.allow_remote"),
+        request_timeout_s=current("model.request_timeout_s"),
         processor=current("model.processor") or None,
         max_task_chars=current("max_task_chars"),
     )
