@@ -279,16 +279,14 @@ def check_parameter(
         return f"max_task_chars must be >= 1, got {value}"
     if name == "batch_window_s" and not (math.isfinite(value) and 0 <= value <= 1):
         return f"batch_window_s must be in [0, 1] s, got {value}"
-    if name == "camera_timeout_s" and not (math.isfinite(value) and value > 0):
-        return f"camera_timeout_s must be a finite number > 0, got {value}"
+    if name in ("camera_timeout_s", "model.request_timeout_s") and not (math.isfinite(value) and value > 0):
+        return f"{name} must be a finite number > 0, got {value}"
     if name == "model.readout" and value not in READOUTS:
         return f"model.readout must be one of {READOUTS}, got {value!r}"
     if name == "model.dtype" and value not in DTYPES:
         return f"model.dtype must be one of {DTYPES}, got {value!r}"
     if name == "model.compile" and value not in COMPILE_MODES:
         return f"model.compile must be one of {COMPILE_MODES}, got {value!r}"
-    if name == "model.request_timeout_s" and not (math.isfinite(value) and value > 0):
-        return f"model.request_timeout_s must be a finite number > 0, got {value}"
     if name == "model.max_batch_size" and value < 1:
         return f"model.max_batch_size must be >= 1, got {value}"
     if name == "model.base" and not str(value).strip():
