@@ -20,7 +20,8 @@ from lrm_reward.core.engine import EngineConfig, make_engine
 from lrm_reward.core.loading import ModelLoadError
 from lrm_reward.core.tracking import ENGINE_ERROR_PREFIX
 from lrm_reward.core.types import Modality, Query
-from lrm_reward.core.vllm_client import VllmRewardEngine, VllmUnavailableError, check_server_url
+from lrm_reward.core.vllm_client import VllmRewardEngine, VllmUnavailableError
+from lrm_reward.core.vllm_transport import check_server_url
 
 BASE = "/models/base"
 ADAPTERS = {m.value: f"/models/{m.value}" for m in Modality}

@@ -177,7 +177,7 @@ class EngineConfig:
             if self.backend == "vllm":
                 raise ValueError("backend 'vllm' needs server_url, e.g. http://127.0.0.1:8000")
             return
-        from lrm_reward.core.vllm_client import parse_server_urls
+        from lrm_reward.core.vllm_transport import parse_server_urls
 
         urls = parse_server_urls(self.server_url, self.allow_remote)
         self.server_url = urls[0] if len(urls) == 1 else urls

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrm_reward.core.types import Modality
-from lrm_reward.core.vllm_client import MERGED_PROVENANCE_FILE  # written here, checked by the client
+from lrm_reward.core.vllm_model_checks import MERGED_PROVENANCE_FILE  # written here, checked by the client
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from lrm_reward.core.vllm_client import is_loopback_host
+        from lrm_reward.core.vllm_transport import is_loopback_host
 
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ValueError("base_model is required")
