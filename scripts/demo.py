@@ -59,6 +59,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--demos", type=int, default=None, help="expert demonstrations to collect")
     p.add_argument("--episodes", type=int, default=None, help="rollouts per round")
     p.add_argument("--max-steps", type=int, default=None, help="steps per episode (10 per second)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="camera frames in pixels, square (default 128: the tiny base's largest, 16 vision tokens)",
+    )
     p.add_argument("--action-sigma", type=float, default=0.05, help="expert action noise")
     p.add_argument("--grasp-offset", type=float, default=0.01, help="[m] expert grasp offset std")
     p.add_argument(
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = collect_demos(out, settings)
                 say(f"demonstrations: expert succeeded in {res['successes']} of {settings.demos}")
             elif stage == "reward":
-                res = prepare_reward_model(out, settings, done["demos"])
+                res = prepare_reward_model(settings)
             elif stage == "policy":
                 res = train_policy(out, settings, done["demos"])
                 say(f"policy {res['version']} trained, final loss {res['final_loss']:.4f}")

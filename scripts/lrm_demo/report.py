@@ -188,7 +188,7 @@ def _model_text(done: dict) -> str:
     return (
         "tiny Qwen3-VL (trained on this machine's CPU) with LRM-style adapters, trained on "
         f"{len(on.get('reward_episodes', []))} labelled simulator episodes ({on.get('reward_successes', 0)} "
-        f"successes; {on.get('layouts', '')}) plus the {on.get('demos', 0)} demonstrations. The labels are "
+        f"successes; {on.get('layouts', '')}). The labels are "
         "the simulator's ground truth; in a lab, operator-labelled recordings play this part."
     )
 

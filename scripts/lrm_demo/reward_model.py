@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from lrm_demo.common import (
+    DEMO_SEED,
     PKG_SRC,
     REPO,
     REWARD_RECIPE,
@@ -19,15 +20,16 @@ from lrm_demo.common import (
     DemoSettings,
     say,
 )
-from lrm_demo.sim_episodes import record_expert_episodes
+from lrm_demo.sim_episodes import record_expert_episodes_sharded
 
 REWARD_CACHE = REPO / ".cache" / "demo_reward"
 DONE_FILE = "made.json"
 # Labelled episodes for the reward model: layouts no demonstration or rollout uses; noise levels from a
 # near-clean expert to a clumsy one, so successes and the usual failures (missed grasp, dropped cube,
 # placed next to the target) are all there, and episodes that carry the cube over the target and hover
-# there without putting it down: measured on the demo's rollouts, the policy's most common failure and the
-# one a reward model trained without it called a success (docs/adaptation.md).
+# there without putting it down, and episodes that stop open-jawed by the untouched cube: measured on the
+# demo's rollouts, the policy's common failures, which a reward model trained without them called
+# successes (docs/adaptation.md).
 REWARD_SEED = 5000
 REWARD_NOISE = [
     (0.03, 0.005, ""),
@@ -37,7 +39,14 @@ REWARD_NOISE = [
     (0.05, 0.03, ""),
     (0.03, 0.005, "hover"),
     (0.3, 0.03, ""),
+    (0.05, 0.01, "stall"),
+    (0.15, 0.02, "stall"),
 ]
+# The judge asks "done?" of the final frame only: the simulator's end-of-episode home move
+# (SceneConfig.end_retreat_steps) leaves the cube in view where the episode put it, while the frames before
+# it show the jaws around the cube at the moment of release, which no camera tells from still holding.
+JUDGE_LAST_N = 1
+REWARD_SHARDS = 2  # recorded side by side on 2 cores; part of what made the model (its datasets)
 REWARD_SETTINGS = ("image_size", "max_steps", "camera_view", "reward_episodes", "reward_steps")
 # The code that renders, records, samples and trains (the tiny base has its own key, inside base's).
 REWARD_CODE = (
@@ -57,7 +66,7 @@ def tiny_base_model() -> Path:
     return tiny_model.cached_tiny_lrm(TINY_CACHE, seed=0).base  # the test suite's tiny_lrm uses it too
 
 
-def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:
+def prepare_reward_model(s: DemoSettings) -> dict:
     if s.lrm_weights:
         weights = Path(s.lrm_weights)
         base = weights / "base" if (weights / "base").is_dir() else weights
@@ -70,7 +79,7 @@ def prepare_reward_model(out: Path, s: DemoSettings, demos: dict) -> dict:
                 f"(missing: {missing or 'config.json'})"
             )
         return {"base": str(base), "adapters": str(adapters), "trained": False}
-    return cached_reward_model(s, demos)
+    return cached_reward_model(s)
 
 
 def reward_cache_key(s: DemoSettings, recipe_text: str, base: Path) -> str:
@@ -83,6 +92,7 @@ def reward_cache_key(s: DemoSettings, recipe_text: str, base: Path) -> str:
         "settings": {k: getattr(s, k) for k in REWARD_SETTINGS},
         "noise": REWARD_NOISE,
         "seed": REWARD_SEED,
+        "shards": REWARD_SHARDS,
         "recipe": recipe_text,
         "base": base.parent.name,  # the tiny base's own cache key
         "libraries": {**tiny_model.library_versions(), **_versions("mujoco", "lerobot")},
@@ -107,7 +117,7 @@ def _versions(*names: str) -> dict[str, str]:
     return found
 
 
-def cached_reward_model(s: DemoSettings, demos: dict) -> dict:
+def cached_reward_model(s: DemoSettings) -> dict:
     """The trained reward model from .cache/demo_reward/<key>, made there first when missing.
 
     Made in a scratch folder and renamed into place, so an interrupted run never leaves half a model."""
@@ -119,7 +129,7 @@ def cached_reward_model(s: DemoSettings, demos: dict) -> dict:
         REWARD_CACHE.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=REWARD_CACHE))
         try:
-            made = _make_reward_model(scratch, s, recipe_text, base, demos)
+            made = _make_reward_model(scratch, s, recipe_text, base)
             (scratch / DONE_FILE).write_text(json.dumps(made, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -134,19 +144,20 @@ def cached_reward_model(s: DemoSettings, demos: dict) -> dict:
     return {"base": str(base), "adapters": adapters, "trained": True, "cache": str(final), **made}
 
 
-def _make_reward_model(work: Path, s: DemoSettings, recipe_text: str, base: Path, demos: dict) -> dict:
+def _make_reward_model(work: Path, s: DemoSettings, recipe_text: str, base: Path) -> dict:
     import yaml
 
     from lrm_reward.adaptation import train
 
     t0 = time.monotonic()
     seeds = [REWARD_SEED + i for i in range(s.reward_episodes)]
-    outcomes = record_expert_episodes(
-        work / "data", seeds, REWARD_NOISE, s, lambda ok: "reward_episodes", "reward: labelled sim episodes"
+    desc = "reward: labelled sim episodes"
+    outcomes, parts = record_expert_episodes_sharded(
+        work / "data", seeds, REWARD_NOISE, s, "reward_episodes", desc, REWARD_SHARDS
     )
-    datasets = [str(work / "data" / "reward_episodes")]
-    demos_root = Path(demos["root"]).parent  # the demonstrations are labelled episodes too
-    datasets += [str(demos_root / d) for d in ("demos", "demos_failed") if (demos_root / d / "meta").is_dir()]
+    # Not the demonstrations: they end before their final frame (no action follows it), and "yes" is
+    # learnt from final frames only (the recipe's completion_end_fraction).
+    datasets = [str(part) for part in parts]
     # The recipe (why: docs/adaptation.md, "Small bases"); the demo adds the paths (and --quick's budget).
     recipe = yaml.safe_load(recipe_text)
     recipe.update(base_model=str(base), datasets=datasets, output_dir=str(work / "adapters"))
@@ -166,9 +177,7 @@ def _make_reward_model(work: Path, s: DemoSettings, recipe_text: str, base: Path
         "trained_on": {
             "reward_episodes": outcomes,
             "reward_successes": sum(o["success"] for o in outcomes),
-            "demos": len(demos["episodes"]),
-            "demo_successes": demos["successes"],
-            "layouts": f"seeds {seeds[0]}-{seeds[-1]} and the demonstrations' (rollouts use {ROUND_SEED}+)",
+            "layouts": f"seeds {seeds[0]}-{seeds[-1]} (demonstrations {DEMO_SEED}+, rollouts {ROUND_SEED}+)",
         },
         "wall_s": time.monotonic() - t0,
     }
@@ -181,6 +190,7 @@ def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
     argv = [roll["dataset"], "--model", reward_model["base"], "--adapters", spec, "--device", s.device]
     argv += ["--every-k", "5", "--success-threshold", str(s.judge_threshold), "--force"]
+    argv += ["--last-n", str(JUDGE_LAST_N)]
     code = J.main(argv)
     if code != 0:
         raise DemoError(f"lrm-judge failed (exit {code})")

@@ -7,9 +7,11 @@ simulator's ground truth, written to the recorder's sidecar, where lrm-train-rew
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from lrm_demo.common import DEMO_SEED, DemoError, DemoSettings, fresh_dir
@@ -29,6 +31,63 @@ def record_expert_episodes(
     dataset_for(success) names the dataset an episode goes to, so successes and failures can be kept
     apart (demonstrations) or together (reward-model data).
     """
+    jobs = [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
+    with tqdm(total=len(jobs), desc=desc, unit="ep", leave=False) as bar:
+        return _record(root, jobs, s, dataset_for, bar.update)
+
+
+def record_expert_episodes_sharded(
+    root: Path,
+    seeds: list[int],
+    noises: list[tuple[float, float, str]],
+    s: DemoSettings,
+    dataset: str,
+    desc: str,
+    shards: int,
+) -> tuple[list[dict], list[Path]]:
+    """record_expert_episodes into `shards` datasets (root/part<k>/<dataset>), one process per shard.
+
+    Rendering is most of the time (software GL: ~40 ms a frame) and one process uses one core, so the
+    shards are recorded side by side, as many at once as there are cores (one after the other on one).
+    The shard count, not the core count, decides which episode lands where: the datasets are the same on
+    every machine. Returns the outcomes in seed order and the datasets.
+    """
+    import multiprocessing as mp
+    import queue
+    from contextlib import suppress
+
+    jobs = [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
+    parts = [(root / f"part{k}", jobs[k::shards]) for k in range(shards)]
+    processes = max(1, min(shards, os.cpu_count() or 1))
+    with tqdm(total=len(jobs), desc=desc, unit="ep", leave=False) as bar:
+        if processes == 1:
+            results = [_record(part, shard, s, lambda ok: dataset, bar.update) for part, shard in parts]
+        else:
+            ctx = mp.get_context("spawn")  # a fresh GL context per process: never fork one
+            with ctx.Manager() as manager, ctx.Pool(processes) as pool:
+                done = manager.Queue()  # each worker says "one more episode" here
+                pending = [
+                    pool.apply_async(_record_shard, (part, shard, s, dataset, done)) for part, shard in parts
+                ]
+                while any(not p.ready() for p in pending) or not done.empty():
+                    with suppress(queue.Empty):
+                        bar.update(done.get(timeout=0.5))
+                results = [p.get() for p in pending]  # re-raises a worker's DemoError here
+    order = {seed: n for n, seed in enumerate(seeds)}
+    outcomes = sorted((o for shard in results for o in shard), key=lambda o: order[o["seed"]])
+    return outcomes, [part / dataset for part, _ in parts]
+
+
+def _record_shard(root: Path, jobs: list, s: DemoSettings, dataset: str, done) -> list[dict]:
+    return _record(root, jobs, s, lambda ok: dataset, done.put, final_frame=True)
+
+
+def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, final_frame=False) -> list[dict]:
+    """Record the (index, seed, noise) jobs; progress(1) after each episode.
+
+    final_frame: also record the episode's last frame (after the scene's end-of-episode home move), as the
+    live recorder does; the judge reads it, so the reward model's data needs it. Demonstrations leave it
+    out: no action follows it for a policy to learn."""
     from lrm_reward.refinement.recorder import EpisodeOutcome, EpisodeRecorder, RecorderConfig
     from lrm_reward.sim.noisy_expert import ExpertNoise, NoisyExpert
     from lrm_reward.sim.so101_scene import CONTROL_DT_S, SceneConfig, So101Scene
@@ -58,8 +117,7 @@ def record_expert_episodes(
     outcomes = []
     scene_cfg = SceneConfig(image_size=s.image_size, max_steps=s.max_steps, camera=s.camera_view)
     with So101Scene(scene_cfg) as scene:
-        for i, seed in enumerate(tqdm(seeds, desc=desc, unit="ep", leave=False)):
-            sigma, grasp_offset, fail_mode = noises[i % len(noises)]
+        for i, seed, (sigma, grasp_offset, fail_mode) in jobs:
             # One noise seed; the episode seed varies the noise (reset below).
             expert = NoisyExpert(ExpertNoise(sigma, grasp_offset, seed=DEMO_SEED, fail_mode=fail_mode))
             state = scene.reset(seed)
@@ -79,16 +137,21 @@ def record_expert_episodes(
                 policy_version="scripted_expert",
             )
             t0 = 1_000_000.0 + i * 1000.0
-            # The action that led to frame k+1 is recorded with frame k (what the robot did from there).
-            for k, (st, _) in enumerate(frames[:-1]):
+            # The action that led to frame k+1 is recorded with frame k (what the robot did from there); the
+            # final frame, if kept, with a standstill (gripper as it was).
+            last = frames[-1][1]
+            hold = np.array([0.0, 0.0, 0.0, last[3]], np.float32) if last is not None else None
+            actions = [frames[k + 1][1] for k in range(len(frames) - 1)] + [hold]
+            for k, (st, _) in enumerate(frames if final_frame else frames[:-1]):
                 t = t0 + k * CONTROL_DT_S
                 rec.add_image("front", t, st.image)
                 rec.add_state(t, st.joint_positions, JOINT_NAMES)
                 rec.add_environment_state(t, st.environment_state, ENV_STATE_NAMES)
-                rec.add_action(t, frames[k + 1][1], ACTION_NAMES)
+                rec.add_action(t, actions[k], ACTION_NAMES)
             result = rec.stop(EpisodeOutcome.SUCCESS if ok else EpisodeOutcome.FAILURE)
             if result.status.value not in ("saved",):
                 raise DemoError(f"saving episode {i} (seed {seed}) failed: {result.message}")
+            progress(1)
     for rec in recorders.values():
         rec.close()
     return outcomes

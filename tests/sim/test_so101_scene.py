@@ -54,6 +54,50 @@ def test_a_large_grasp_offset_makes_the_expert_fail(scene):
     assert not state.success
 
 
+def _run(scene, expert, seed):
+    state = scene.reset(seed)
+    start = state.block_position.copy()
+    expert.reset(seed)
+    states = [state]
+    while not state.done:
+        state = scene.step(expert.act(state))
+        states.append(state)
+    return start, states
+
+
+def test_the_stall_mode_stops_open_jawed_by_an_untouched_cube(scene):
+    expert = NoisyExpert(ExpertNoise(action_sigma=0.03, seed=2, fail_mode="stall"))
+    for seed in (3, 4):
+        start, states = _run(scene, expert, seed)
+        assert not states[-1].success and states[-1].step_index == 70  # ran to the step limit
+        end = states[-2]  # before the end-of-episode home move
+        assert np.linalg.norm(end.block_position - start) < 0.005  # never touched
+        gap = np.linalg.norm(end.grasp_point[:2] - end.block_position[:2])
+        assert gap < 0.06  # stopped by the cube, not somewhere else
+        assert end.grasp_point[2] > start[2] + 0.01  # above the table, not pushing into it
+
+
+def test_the_hover_mode_carries_the_cube_over_the_target_and_never_lets_go(scene):
+    expert = NoisyExpert(ExpertNoise(seed=0, fail_mode="hover"))
+    start, states = _run(scene, expert, 5)
+    assert not states[-1].success
+    assert states[-1].block_position[2] > start[2] + 0.02  # still held, also after the home move
+    end = states[-2]  # before the home move
+    assert np.linalg.norm(end.block_position[:2] - end.goal_position[:2]) < 0.03
+
+
+def test_the_final_frame_comes_after_the_home_move_and_keeps_the_outcome():
+    with So101Scene(SceneConfig(image_size=64, max_steps=70, end_retreat_steps=6)) as scene:
+        _, states = _run(scene, NoisyExpert(ExpertNoise()), 5)
+    before, end = states[-2], states[-1]
+    assert end.success and end.done
+    assert end.grasp_point[2] > before.grasp_point[2] + 0.05  # lifted well clear of the cube
+    assert np.linalg.norm(end.block_position - before.block_position) < 0.01  # the cube stays put
+    assert np.linalg.norm(end.block_position[:2] - end.goal_position[:2]) < 0.03
+    with pytest.raises(ValueError, match="end_retreat_steps"):
+        SceneConfig(end_retreat_steps=-1)
+
+
 def test_bad_actions_are_refused_with_a_clear_error(scene):
     scene.reset(0)
     with pytest.raises(ValueError, match="4 values"):

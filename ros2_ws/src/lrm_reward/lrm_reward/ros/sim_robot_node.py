@@ -87,6 +87,9 @@ def _stamp(seconds: float):
     return Time(sec=sec, nanosec=round((seconds - sec) * 1e9) % 1_000_000_000)
 
 
+STARTUP_ONLY = ("image_size", "max_steps", "random_layout", "rate_hz", "frame_id", "end_retreat_steps")
+
+
 class SimRobotNode(Node):
     def __init__(self) -> None:
         super().__init__("sim_robot_node")
@@ -99,6 +102,11 @@ class SimRobotNode(Node):
                 "camera_view",
                 SceneConfig.camera,
                 f"what camera/image shows: {' | '.join(CAMERA_VIEWS)} (workspace: cube and target large)",
+            ),
+            end_retreat_steps=p(
+                "end_retreat_steps",
+                SceneConfig.end_retreat_steps,
+                "steps of the end-of-episode home move (up and back) before the final frame; 0: none",
             ),
         )
         self.frame_id = p("frame_id", f"{self.scene_cfg.camera}_camera", "frame_id of the camera images")
@@ -184,7 +192,7 @@ class SimRobotNode(Node):
                 return SetParametersResult(
                     successful=False, reason=f"controller must be one of {CONTROLLERS}"
                 )
-            if param.name in ("image_size", "max_steps", "random_layout", "rate_hz", "frame_id"):
+            if param.name in STARTUP_ONLY:
                 return SetParametersResult(successful=False, reason=f"{param.name} is read at startup")
             if param.name == "seed":
                 with self._lock:

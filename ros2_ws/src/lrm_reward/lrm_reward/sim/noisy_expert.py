@@ -21,11 +21,16 @@ from lrm_reward.sim.so101_scene import ACTION_SCALE_M, SceneState
 # a cube picked up off-centre is still carried to the goal by its true position.
 _AIMING_PHASES = ("HOVER", "DESCEND", "CLOSE")
 _PLACING_PHASES = ("LOWER", "OPEN", "RETREAT")
-# Failure modes a reward model must learn to call failures. "hover": the cube is carried over the target
-# and held there, never put down and released (what a half-trained imitation policy often does) -- a few
-# centimetres from a success in the camera image.
-FAIL_MODES = ("", "hover")
+# Failure modes a reward model must learn to call failures, both what a half-trained imitation policy
+# often does. "hover": the cube is carried over the target and held there, never put down and released --
+# a few centimetres from a success in the camera image. "stall": the arm goes to the cube and stops beside
+# or above it, jaw open, never grasping; the cube stays where it was (the demo policy's most common failure
+# in the measured rollouts, and a reward model that never saw it called it a success: docs/adaptation.md).
+FAIL_MODES = ("", "hover", "stall")
 _HOVER_HEIGHT_M = (0.05, 0.10)  # the grasp point's height while hovering, drawn per episode
+_STALL_HEIGHT_M = (0.03, 0.09)  # stall: the grasp point's height above the table, drawn per episode
+_STALL_OFFSET_M = (0.0, 0.04)  # stall: its horizontal distance from the cube, drawn per episode
+_GRIPPER_OPEN = 1.0
 
 
 @dataclass
@@ -55,6 +60,8 @@ class NoisyExpert:
         self._rng = np.random.default_rng(self.noise.seed)
         self.grasp_offset = np.zeros(3)
         self.hover_height = _HOVER_HEIGHT_M[0]
+        self.stall_offset = np.zeros(3)  # from the cube's resting point, where a stalling arm stops
+        self._table_z: float | None = None
 
     def reset(self, episode_seed: int | None = None) -> None:
         self._controller.reset()
@@ -64,12 +71,22 @@ class NoisyExpert:
         self.grasp_offset = np.array([offset[0], offset[1], 0.0])
         if self.noise.fail_mode == "hover":  # drawn only then: the other modes' noise stays as it was
             self.hover_height = float(self._rng.uniform(*_HOVER_HEIGHT_M))
+        if self.noise.fail_mode == "stall":
+            angle = self._rng.uniform(0.0, 2 * np.pi)
+            radius = self._rng.uniform(*_STALL_OFFSET_M)
+            height = self._rng.uniform(*_STALL_HEIGHT_M)
+            self.stall_offset = np.array([radius * np.cos(angle), radius * np.sin(angle), height])
+        self._table_z = None
 
     @property
     def phase(self) -> str:
         return self._controller.phase.name
 
     def act(self, state: SceneState) -> np.ndarray:
+        if self._table_z is None:
+            self._table_z = float(state.block_position[2])
+        if self.noise.fail_mode == "stall":
+            return self._stall(state)
         block = state.block_position
         if self.phase in _AIMING_PHASES:
             block = block + self.grasp_offset
@@ -78,6 +95,18 @@ class NoisyExpert:
             # Stay at the hover height over the target, gripper closed: never lowered, never released.
             action[2] = np.clip((self.hover_height - state.grasp_point[2]) / ACTION_SCALE_M, -0.4, 0.4)
             action[3] = 0.0
+        if self.noise.action_sigma > 0:
+            action[:3] += self._rng.normal(0.0, self.noise.action_sigma, size=3)
+        action[:3] = np.clip(action[:3], -1.0, 1.0)
+        return action.astype(np.float32)
+
+    def _stall(self, state: SceneState) -> np.ndarray:
+        """Go to the stall point by the cube (at most full speed), then hold there, jaw open."""
+        target = state.block_position + self.stall_offset
+        target[2] = self._table_z + self.stall_offset[2]
+        action = np.zeros(4)
+        action[:3] = (target - state.grasp_point) / ACTION_SCALE_M
+        action[3] = _GRIPPER_OPEN
         if self.noise.action_sigma > 0:
             action[:3] += self._rng.normal(0.0, self.noise.action_sigma, size=3)
         action[:3] = np.clip(action[:3], -1.0, 1.0)

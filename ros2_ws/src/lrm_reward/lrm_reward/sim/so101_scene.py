@@ -79,6 +79,9 @@ CAMERA_VIEWS = {
 }
 
 
+_RETREAT_ACTION = (-0.6, 0.0, 1.0)  # dx, dy, dz in action units: back toward the base, mostly up
+
+
 class SimRenderError(RuntimeError):
     """The simulator cannot render frames on this machine; the message names the fix."""
 
@@ -93,12 +96,20 @@ class SceneConfig:
     marker_radius_m: float = 0.03  # the success radius of the task is 3 cm
     fast_render: bool = True  # shadows and multisampling off
     camera: str = "workspace"  # a CAMERA_VIEWS name: what the camera topic shows
+    # At the episode's end the arm lifts and backs off this many control steps (gripper as last commanded)
+    # before the final frame is taken, as a lab's end-of-episode "home" move does: the final frame then
+    # shows where the cube was left instead of the jaws around it (the moment of release, which a camera
+    # cannot tell from holding). Outcome and step count are the episode's; the policy does not act there.
+    end_retreat_steps: int = 6
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"SceneConfig.image_size must be in [16, 1024], got {self.image_size}")
         if self.max_steps < 1:
             raise ValueError("SceneConfig.max_steps must be >= 1")
+        if not 0 <= self.end_retreat_steps <= 50:
+            got = self.end_retreat_steps
+            raise ValueError(f"SceneConfig.end_retreat_steps must be in [0, 50], got {got}")
         if len(self.marker_rgba) != 4 or not all(0.0 <= c <= 1.0 for c in self.marker_rgba):
             raise ValueError("SceneConfig.marker_rgba must be four values in [0, 1]")
         if self.marker_radius_m <= 0:
@@ -217,7 +228,15 @@ class So101Scene:
         self._step += 1
         self._success = bool(info.get("succeed", False))
         self._done = bool(terminated or truncated or self._step >= self.cfg.max_steps)
+        if self._done:
+            self._retreat(float(a[3]))
         return self._state(info)
+
+    def _retreat(self, grasp: float) -> None:
+        """The end-of-episode home move (SceneConfig.end_retreat_steps): up and back toward the base."""
+        move = np.asarray((*_RETREAT_ACTION, grasp), dtype=np.float32)
+        for _ in range(self.cfg.end_retreat_steps):
+            self._obs, *_ = self._env.step(move)
 
     @property
     def done(self) -> bool:
