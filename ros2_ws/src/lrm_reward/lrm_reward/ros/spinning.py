@@ -91,6 +91,11 @@ def spin_until_shutdown(
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # SIGINT / SIGTERM: a requested, clean stop
+    except Exception:
+        # SIGTERM's handler can shut the context down between two waits: rclpy then raises RCLError
+        # ("context is not valid") instead of ExternalShutdownException. Still a requested stop.
+        if node.context.ok():
+            raise
     finally:
         # Ctrl-C in a terminal reaches a launched node twice (the terminal's process group, then ros2 launch
         # passing it on): a second SIGINT must not cut the cleanup short with a KeyboardInterrupt.
