@@ -56,6 +56,12 @@ REWARD_CODE = (
     "refinement/episode_saver.py",
     "adaptation/samples.py",
     "adaptation/train.py",
+    "adaptation/train_config.py",
+    "adaptation/train_errors.py",
+    "adaptation/base_model.py",
+    "adaptation/train_batches.py",
+    "adaptation/train_modality.py",
+    "adaptation/train_outputs.py",
     "core/prompts.py",
 )
 
