@@ -31,9 +31,14 @@ def record_expert_episodes(
     dataset_for(success) names the dataset an episode goes to, so successes and failures can be kept
     apart (demonstrations) or together (reward-model data).
     """
-    jobs = [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
+    jobs = _jobs(seeds, noises)
     with tqdm(total=len(jobs), desc=desc, unit="ep", leave=False) as bar:
         return _record(root, jobs, s, dataset_for, bar.update)
+
+
+def _jobs(seeds: list[int], noises: list[tuple[float, float, str]]) -> list[tuple]:
+    """(index, seed, noise) per episode: noise levels and failure modes taken in turn."""
+    return [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
 
 
 def record_expert_episodes_sharded(
@@ -56,12 +61,12 @@ def record_expert_episodes_sharded(
     import queue
     from contextlib import suppress
 
-    jobs = [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
+    jobs = _jobs(seeds, noises)
     parts = [(root / f"part{k}", jobs[k::shards]) for k in range(shards)]
     processes = max(1, min(shards, os.cpu_count() or 1))
     with tqdm(total=len(jobs), desc=desc, unit="ep", leave=False) as bar:
         if processes == 1:
-            results = [_record(part, shard, s, lambda ok: dataset, bar.update) for part, shard in parts]
+            results = [_record_shard(part, shard, s, dataset, bar) for part, shard in parts]
         else:
             ctx = mp.get_context("spawn")  # a fresh GL context per process: never fork one
             with ctx.Manager() as manager, ctx.Pool(processes) as pool:
@@ -79,7 +84,9 @@ def record_expert_episodes_sharded(
 
 
 def _record_shard(root: Path, jobs: list, s: DemoSettings, dataset: str, done) -> list[dict]:
-    return _record(root, jobs, s, lambda ok: dataset, done.put, final_frame=True)
+    """One shard of reward-model data, with final frames; done: a queue (worker) or the bar (in-process)."""
+    progress = done.update if hasattr(done, "update") else done.put
+    return _record(root, jobs, s, lambda ok: dataset, progress, final_frame=True)
 
 
 def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, final_frame=False) -> list[dict]:
