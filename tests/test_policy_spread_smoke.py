@@ -102,7 +102,7 @@ def fake_demo_run(tmp_path_factory, tiny_lrm):
     out = tmp_path_factory.mktemp("demo_run")
     s = SimpleNamespace(image_size=IMAGE_SIZE, max_steps=MAX_STEPS, camera_view="workspace")
     demos = out / "data" / "demos"
-    episodes = record_expert_episodes(demos, [0, 1], [(0.05, 0.01, "")], s, lambda ok: "demos", "demos")
+    episodes = record_expert_episodes(demos, [0, 1], [(0.05, 0.01, "", 0.0)], s, lambda ok: "demos", "demos")
     first = refine(
         RefineConfig(
             store_root=out / "policies", policy_name=POLICY_NAME, demos=[demos / "demos"], steps=2,

@@ -24,23 +24,24 @@ from lrm_demo.sim_episodes import record_expert_episodes_sharded
 
 REWARD_CACHE = REPO / ".cache" / "demo_reward"
 DONE_FILE = "made.json"
-# Labelled episodes for the reward model: layouts no demonstration or rollout uses; noise levels from a
-# near-clean expert to a clumsy one, so successes and the usual failures (missed grasp, dropped cube,
-# placed next to the target) are all there, and episodes that carry the cube over the target and hover
-# there without putting it down, and episodes that stop open-jawed by the untouched cube: measured on the
-# demo's rollouts, the policy's common failures, which a reward model trained without them called
-# successes (docs/adaptation.md).
+# Labelled episodes for the reward model: layouts no demonstration or rollout uses; (action sigma, grasp
+# offset sigma, failure mode, place offset max) taken in turn. Noise levels from a near-clean expert to a
+# clumsy one, so successes and the usual failures (missed grasp, dropped cube, placed next to the target)
+# are all there, and episodes that carry the cube over the target and hover there without putting it down,
+# and episodes that stop open-jawed by the untouched cube: measured on the demo's rollouts, the policy's
+# common failures, which a reward model trained without them called successes (docs/adaptation.md).
+# Placements off-centre (place offset > 0) were tried and not kept: docs/adaptation.md, "Off-centre".
 REWARD_SEED = 5000
 REWARD_NOISE = [
-    (0.03, 0.005, ""),
-    (0.05, 0.01, ""),
-    (0.05, 0.01, "hover"),
-    (0.15, 0.02, ""),
-    (0.05, 0.03, ""),
-    (0.03, 0.005, "hover"),
-    (0.3, 0.03, ""),
-    (0.05, 0.01, "stall"),
-    (0.15, 0.02, "stall"),
+    (0.03, 0.005, "", 0.0),
+    (0.05, 0.01, "", 0.0),
+    (0.05, 0.01, "hover", 0.0),
+    (0.15, 0.02, "", 0.0),
+    (0.05, 0.03, "", 0.0),
+    (0.03, 0.005, "hover", 0.0),
+    (0.3, 0.03, "", 0.0),
+    (0.05, 0.01, "stall", 0.0),
+    (0.15, 0.02, "stall", 0.0),
 ]
 # The judge asks "done?" of the final frame only: the simulator's end-of-episode home move
 # (SceneConfig.end_retreat_steps) leaves the cube in view where the episode put it, while the frames before

@@ -21,7 +21,7 @@ from lrm_reward.sim.so101_scene import ACTION_NAMES, ENV_STATE_NAMES, JOINT_NAME
 def record_expert_episodes(
     root: Path,
     seeds: list[int],
-    noises: list[tuple[float, float, str]],
+    noises: list[tuple[float, float, str, float]],
     s: DemoSettings,
     dataset_for,
     desc: str,
@@ -36,7 +36,7 @@ def record_expert_episodes(
         return _record(root, jobs, s, dataset_for, bar.update)
 
 
-def _jobs(seeds: list[int], noises: list[tuple[float, float, str]]) -> list[tuple]:
+def _jobs(seeds: list[int], noises: list[tuple[float, float, str, float]]) -> list[tuple]:
     """(index, seed, noise) per episode: noise levels and failure modes taken in turn."""
     return [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
 
@@ -44,7 +44,7 @@ def _jobs(seeds: list[int], noises: list[tuple[float, float, str]]) -> list[tupl
 def record_expert_episodes_sharded(
     root: Path,
     seeds: list[int],
-    noises: list[tuple[float, float, str]],
+    noises: list[tuple[float, float, str, float]],
     s: DemoSettings,
     dataset: str,
     desc: str,
@@ -124,9 +124,11 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
     outcomes = []
     scene_cfg = SceneConfig(image_size=s.image_size, max_steps=s.max_steps, camera=s.camera_view)
     with So101Scene(scene_cfg) as scene:
-        for i, seed, (sigma, grasp_offset, fail_mode) in jobs:
+        for i, seed, (sigma, grasp_offset, fail_mode, place_offset) in jobs:
             # One noise seed; the episode seed varies the noise (reset below).
-            expert = NoisyExpert(ExpertNoise(sigma, grasp_offset, seed=DEMO_SEED, fail_mode=fail_mode))
+            expert = NoisyExpert(
+                ExpertNoise(sigma, grasp_offset, DEMO_SEED, fail_mode, place_offset_max_m=place_offset)
+            )
             state = scene.reset(seed)
             expert.reset(seed)
             frames = [(state, None)]
@@ -135,14 +137,13 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
                 state = scene.step(action)
                 frames.append((state, action))
             ok = bool(state.success)
-            noise = [sigma, grasp_offset, fail_mode]
+            noise = [sigma, grasp_offset, fail_mode, place_offset]
             outcomes.append({"seed": seed, "success": ok, "steps": state.step_index, "noise": noise})
             rec = recorder(dataset_for(ok))
-            rec.start(
-                TASK,
-                notes=f"noisy expert {sigma}/{grasp_offset} {fail_mode}, seed {seed}".replace("  ", " "),
-                policy_version="scripted_expert",
-            )
+            how = " ".join(str(x) for x in (f"{sigma}/{grasp_offset}", fail_mode) if x)
+            if place_offset:
+                how += f", placed up to {place_offset} m off-centre"
+            rec.start(TASK, notes=f"noisy expert {how}, seed {seed}", policy_version="scripted_expert")
             t0 = 1_000_000.0 + i * 1000.0
             # The action that led to frame k+1 is recorded with frame k (what the robot did from there); the
             # final frame, if kept, with a standstill (gripper as it was).
@@ -167,7 +168,7 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
 def collect_demos(out: Path, s: DemoSettings) -> dict:
     root = fresh_dir(out / "data" / "demos_stage")
     seeds = [DEMO_SEED + i for i in range(s.demos)]
-    noise = [(s.expert_action_sigma, s.expert_grasp_offset_m, "")]
+    noise = [(s.expert_action_sigma, s.expert_grasp_offset_m, "", 0.0)]
     outcomes = record_expert_episodes(
         root, seeds, noise, s, lambda ok: "demos" if ok else "demos_failed", "demos: noisy expert in sim"
     )

@@ -86,6 +86,24 @@ def test_the_hover_mode_carries_the_cube_over_the_target_and_never_lets_go(scene
     assert np.linalg.norm(end.block_position[:2] - end.goal_position[:2]) < 0.03
 
 
+def test_the_place_offset_puts_the_cube_down_off_centre_and_decides_the_outcome(scene):
+    inside = outside = 0
+    for seed in range(8):
+        expert = NoisyExpert(ExpertNoise(seed=seed, place_offset_max_m=0.06))
+        start, states = _run(scene, expert, seed)
+        offset = float(np.linalg.norm(expert.place_offset))
+        end = states[-1]
+        placed = np.linalg.norm(end.block_position[:2] - end.goal_position[:2])
+        assert abs(placed - offset) < 0.01  # put down where the expert was told, cube released
+        assert end.block_position[2] < start[2] + 0.01
+        assert end.success == (placed < 0.03)  # the task's 3 cm radius, whatever the expert did
+        inside += offset < 0.025
+        outside += offset > 0.035
+    assert inside and outside  # both sides of the radius were tried
+    with pytest.raises(ValueError, match="place_offset_max_m"):
+        ExpertNoise(place_offset_max_m=-0.01)
+
+
 def test_the_final_frame_comes_after_the_home_move_and_keeps_the_outcome():
     with So101Scene(SceneConfig(image_size=64, max_steps=70, end_retreat_steps=6)) as scene:
         _, states = _run(scene, NoisyExpert(ExpertNoise()), 5)

@@ -39,12 +39,19 @@ class ExpertNoise:
     grasp_offset_sigma_m: float = 0.0  # std of the per-episode xy error of the perceived cube position [m]
     seed: int = 0
     fail_mode: str = ""  # a FAIL_MODES name: make the episode fail that way on purpose ("": never)
+    # The cube is put down this far at most from the target's centre (distance drawn per episode, uniform;
+    # direction uniform). Past the task's 3 cm success radius the episode fails with the cube beside the
+    # target; inside it succeeds off-centre, as a policy's successes often do, and a reward model that saw
+    # only the expert's centred placements called those failures (docs/adaptation.md).
+    place_offset_max_m: float = 0.0
 
     def __post_init__(self) -> None:
         if self.action_sigma < 0 or not np.isfinite(self.action_sigma):
             raise ValueError("ExpertNoise.action_sigma must be a finite value >= 0")
         if self.grasp_offset_sigma_m < 0 or not np.isfinite(self.grasp_offset_sigma_m):
             raise ValueError("ExpertNoise.grasp_offset_sigma_m must be a finite value >= 0")
+        if self.place_offset_max_m < 0 or not np.isfinite(self.place_offset_max_m):
+            raise ValueError("ExpertNoise.place_offset_max_m must be a finite value >= 0")
         if self.fail_mode not in FAIL_MODES:
             raise ValueError(f"ExpertNoise.fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
 
@@ -61,6 +68,7 @@ class NoisyExpert:
         self.grasp_offset = np.zeros(3)
         self.hover_height = _HOVER_HEIGHT_M[0]
         self.stall_offset = np.zeros(3)  # from the cube's resting point, where a stalling arm stops
+        self.place_offset = np.zeros(3)  # from the target's centre, where the cube is put down
         self._table_z: float | None = None
 
     def reset(self, episode_seed: int | None = None) -> None:
@@ -76,6 +84,10 @@ class NoisyExpert:
             radius = self._rng.uniform(*_STALL_OFFSET_M)
             height = self._rng.uniform(*_STALL_HEIGHT_M)
             self.stall_offset = np.array([radius * np.cos(angle), radius * np.sin(angle), height])
+        if self.noise.place_offset_max_m > 0:  # drawn last and only then: the other draws stay as they were
+            angle = self._rng.uniform(0.0, 2 * np.pi)
+            radius = self._rng.uniform(0.0, self.noise.place_offset_max_m)
+            self.place_offset = np.array([radius * np.cos(angle), radius * np.sin(angle), 0.0])
         self._table_z = None
 
     @property
@@ -90,7 +102,8 @@ class NoisyExpert:
         block = state.block_position
         if self.phase in _AIMING_PHASES:
             block = block + self.grasp_offset
-        action = self._controller.act(state.grasp_point, block, state.goal_position).astype(np.float64)
+        goal = state.goal_position + self.place_offset
+        action = self._controller.act(state.grasp_point, block, goal).astype(np.float64)
         if self.noise.fail_mode == "hover" and self.phase in _PLACING_PHASES:
             # Stay at the hover height over the target, gripper closed: never lowered, never released.
             action[2] = np.clip((self.hover_height - state.grasp_point[2]) / ACTION_SCALE_M, -0.4, 0.4)
