@@ -12,6 +12,7 @@ where the cube ended up (distance of the cube's centre from the target's; the ta
 
     python benchmarks/judge_heldout.py --demo-out out/demo
     python benchmarks/judge_heldout.py --demo-out out/demo --reward-model .cache/demo_reward/<key> ...
+    python benchmarks/judge_heldout.py --demo-out out/demo --progress-success 0 0.9 0.95 0.99
 
 The recording is kept (--work, default out/judge_heldout/<policy>_<first>_<n>) and reused by later runs
 with the same policy and layouts. Markdown tables on stdout, progress on stderr; --json keeps the rows.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -52,6 +54,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "(default: the run's own)",
     )
     p.add_argument("--threshold", type=float, default=None, help="P(done) threshold (default: the run's)")
+    p.add_argument(
+        "--progress-success",
+        type=float,
+        nargs="*",
+        default=None,
+        help="final progress that is a success alone (lrm-judge --progress-success-threshold); several "
+        "values are compared side by side, <= 0 means completion alone (default: the run's)",
+    )
     p.add_argument("--work", type=Path, default=None, help="where the held-out recording is kept")
     p.add_argument("--json", type=Path, default=None, help="write every judged row here")
     return p
@@ -140,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = SimpleNamespace(
         **{**run.settings_dict, "judge_threshold": args.threshold or run.settings.judge_threshold}
     )
+    rules = [getattr(settings, "judge_progress_success", None)]
+    if args.progress_success is not None:
+        rules = [v if v > 0 else None for v in args.progress_success]
 
     from lrm_demo.reward_model import judge
 
@@ -151,23 +164,28 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(rows)} held-out episodes ({successes} successes, simulator's ground truth), judge threshold "
         f"{settings.judge_threshold}\n"
     )
-    print(f"| reward model | judge right | recall successes / failures | TP FP FN TN | VOC | {by_band} |")
-    print("|---|---|---|---|---|" + "---|" * len(BANDS))
+    print(
+        f"| reward model | progress alone | judge right | recall successes / failures | TP FP FN TN | VOC "
+        f"| {by_band} |"
+    )
+    print("|---|---|---|---|---|---|" + "---|" * len(BANDS))
     kept = {}
-    for label, model in models:
+    for (label, model), rule in itertools.product(models, rules):
+        settings.judge_progress_success = rule
         with contextlib.redirect_stdout(sys.stderr):
             res = judge(settings, model, {"dataset": str(dataset), "episodes": rows})
         m = res["matrix"]
         bands = " | ".join(band_text(res["rows"], lo, hi) for lo, hi in BANDS)
         voc = "-" if res["voc"] is None else f"{res['voc']:.2f}"
         print(
-            f"| {label} | {pct(res['accuracy'])} "
+            f"| {label} | {'off' if rule is None else f'>= {rule:g}'} | {pct(res['accuracy'])} "
             f"| {pct(res['recall_success'])} / {pct(res['recall_failure'])} "
             f"| {m['tp']} {m['fp']} {m['fn']} {m['tn']} | {voc} | {bands} |",
             flush=True,
         )
-        kept[label] = {
+        kept[label if len(rules) == 1 else f"{label}, progress alone {rule}"] = {
             "adapters": model["adapters"],
+            "progress_success": rule,
             **{k: v for k, v in res.items() if k != "rows"},
             "rows": res["rows"],
         }

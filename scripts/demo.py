@@ -98,6 +98,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         # (docs/adaptation.md); 0.5 would call most successes failures.
         help="mean completion probability of the last frames for lrm-judge to call an episode a success",
     )
+    p.add_argument(
+        "--judge-progress-success",
+        type=float,
+        default=0.95,
+        # Either adapter may call an episode done: on the demo's 40 rollouts and 60 held-out ones the
+        # progress adapter's final value found successes the completion adapter missed (docs/adaptation.md,
+        # "Either adapter").
+        help="final progress at or above which lrm-judge calls an episode a success even when completion "
+        "falls short (<= 0: completion alone)",
+    )
     p.add_argument("--policy-steps", type=int, default=None, help="ACT training steps on the demonstrations")
     p.add_argument("--refine-steps", type=int, default=None, help="ACT refinement steps")
     p.add_argument("--policy-lr", type=float, default=5e-4, help="learning rate of the ACT training")

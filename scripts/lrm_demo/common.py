@@ -65,6 +65,7 @@ class DemoSettings:
     reward_episodes: int
     reward_steps: int  # 0: the recipe's (config/demo_reward_train.yaml)
     judge_threshold: float
+    judge_progress_success: float | None  # lrm-judge --progress-success-threshold; None: off
     policy_steps: int
     refine_steps: int
     batch_size: int
@@ -90,6 +91,7 @@ class DemoSettings:
             reward_episodes=args.reward_episodes or (9 if quick else 180),
             reward_steps=args.reward_steps or (8 if quick else 0),
             judge_threshold=args.judge_threshold,
+            judge_progress_success=args.judge_progress_success if args.judge_progress_success > 0 else None,
             policy_steps=args.policy_steps or (10 if quick else 2000),
             refine_steps=args.refine_steps or (10 if quick else 800),
             batch_size=8 if quick else 32,

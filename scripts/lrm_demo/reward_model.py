@@ -198,6 +198,10 @@ def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     argv = [roll["dataset"], "--model", reward_model["base"], "--adapters", spec, "--device", s.device]
     argv += ["--every-k", "5", "--success-threshold", str(s.judge_threshold), "--force"]
     argv += ["--last-n", str(JUDGE_LAST_N)]
+    # runs recorded before the setting existed judged by completion alone
+    progress_success = getattr(s, "judge_progress_success", None)
+    if progress_success is not None:
+        argv += ["--progress-success-threshold", str(progress_success)]
     code = J.main(argv)
     if code != 0:
         raise DemoError(f"lrm-judge failed (exit {code})")

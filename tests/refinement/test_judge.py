@@ -47,6 +47,22 @@ def test_decide():
     assert decide([0.9, 0.7], [0.1, 0.95], strict)[0] == "failure"
 
 
+def test_decide_lets_progress_alone_call_a_success_when_asked():
+    either = JudgeConfig(success_threshold=0.6, progress_success_threshold=0.95)
+    verdict, conf, comp, final, _ = decide([0.1, 0.2], [0.1, 0.5, 0.97], either)
+    assert final == 0.97
+    assert verdict == "success" and comp == pytest.approx(0.15) and conf == pytest.approx(0.97)
+    assert decide([0.1, 0.2], [0.1, 0.5, 0.97], JudgeConfig(success_threshold=0.6))[0] == "failure"
+    assert decide([0.1, 0.2], [0.1, 0.9], either)[0] == "failure"  # neither adapter says done
+    assert decide([0.9, 0.7], [0.1, 0.2], either)[0] == "success"  # completion alone still does
+    assert decide([0.1, None], [None, None, 0.99], either)[0] == "unsure"  # 2 of 5 parsed
+    vetoed = JudgeConfig(success_threshold=0.6, progress_threshold=0.99, progress_success_threshold=0.95)
+    assert decide([0.1], [0.1, 0.97], vetoed)[0] == "failure"
+    assert either.thresholds()["progress_success_threshold"] == 0.95
+    with pytest.raises(ValueError, match="progress_success_threshold"):
+        JudgeConfig(progress_success_threshold=0.0)
+
+
 def test_judges_each_episode_and_writes_judgments(dataset):
     engine = BrightnessEngine()
     res = judge_dataset(

@@ -59,6 +59,17 @@ def test_unsure_nan_and_progress_rule_are_never_successes():
     assert any("progress_threshold 0.80 kept" in n for n in cal.notes)
 
 
+def test_applies_the_judges_progress_success_rule():
+    # two successes the completion adapter missed, one with final progress past the rule's 0.95
+    episodes = [judged(0, "success", 0.1, progress=0.97), judged(1, "success", 0.1, progress=0.8)]
+    episodes += [judged(2, "failure", 0.1, progress=0.9), judged(3, "success", 0.9, progress=0.5)]
+    assert calibrate(episodes, success_threshold=0.5).matrix == {"tp": 1, "fp": 0, "fn": 2, "tn": 1}
+    cal = calibrate(episodes, success_threshold=0.5, progress_success_threshold=0.95)
+    assert cal.matrix == {"tp": 2, "fp": 0, "fn": 1, "tn": 1}
+    assert cal.progress_success_threshold == 0.95
+    assert any("progress_success_threshold 0.95 kept" in n for n in cal.notes)
+
+
 def test_needs_labels_of_both_kinds_for_a_suggestion():
     assert calibrate([judged(0, None, 0.9), judged(1, "unknown", 0.2)], 0.5) is None
     cal = calibrate([judged(0, "success", 0.9), judged(1, "success", 0.2)], 0.5)

@@ -38,3 +38,13 @@ def test_judging_with_a_model_of_its_own_and_without_judging():
 def test_a_model_and_a_node_exclude_each_other():
     with pytest.raises(ValueError, match="exclude each other"):
         config(judge_model="/models/base", judge_via_node="/reward_node")
+
+
+def test_judge_thresholds_reach_lrm_judge():
+    judge, _ = config(
+        judge_model="/models/base", progress_threshold=0.5, progress_success_threshold=0.95
+    ).commands()
+    assert judge[judge.index("--progress-threshold") + 1] == "0.5"
+    assert judge[judge.index("--progress-success-threshold") + 1] == "0.95"
+    judge, _ = config(judge_model="/models/base").commands()
+    assert "--progress-success-threshold" not in judge

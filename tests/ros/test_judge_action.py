@@ -196,6 +196,21 @@ def judge_node(ros_node, tmp_path):
     process.stop()
 
 
+def test_goal_carries_the_judge_settings_both_ways():
+    from lrm_reward.refinement.judge import JudgeConfig
+    from lrm_reward.ros.judge_action import config_from_goal, goal_for
+
+    cfg = JudgeConfig(completion_last_n=2, success_threshold=0.6, progress_success_threshold=0.95)
+    back = config_from_goal(goal_for("night", cfg), queries_per_call=4)
+    assert back.thresholds() == cfg.thresholds()  # float32 on the wire, rounded back
+    plain = config_from_goal(goal_for("night", JudgeConfig()), queries_per_call=4)
+    assert plain.progress_success_threshold is None and plain.progress_threshold is None
+    goal = goal_for("night", cfg)
+    goal.progress_success_threshold = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        config_from_goal(goal, queries_per_call=4)
+
+
 def test_judge_action_refuses_cancels_cleanly_resumes_and_shares_the_engine(judge_node, tmp_path):
     judge, dataset, env = judge_node
     judgments = dataset / "judgments"

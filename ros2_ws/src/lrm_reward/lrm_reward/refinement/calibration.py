@@ -41,6 +41,7 @@ class LabelledEpisode:
 class Calibration:
     success_threshold: float
     progress_threshold: float | None
+    progress_success_threshold: float | None
     episodes: list[LabelledEpisode]
     matrix: dict[str, int]  # tp fp fn tn of the verdicts at success_threshold (positive = success)
     balanced_accuracy: float | None  # at success_threshold; None without labels of both kinds
@@ -82,9 +83,17 @@ class Calibration:
 
 
 def calibrate(
-    judgments: Iterable, success_threshold: float, progress_threshold: float | None = None
+    judgments: Iterable,
+    success_threshold: float,
+    progress_threshold: float | None = None,
+    progress_success_threshold: float | None = None,
 ) -> Calibration | None:
-    """Judgments (lrm_reward.refinement.judge.Judgment) -> Calibration; None when none is labelled."""
+    """Judgments (lrm_reward.refinement.judge.Judgment) -> Calibration; None when none is labelled.
+
+    The progress thresholds are the judge's (JudgeConfig): they are applied as the judge applies them and
+    kept as they are; only the completion threshold is searched.
+    """
+    gates = (progress_threshold, progress_success_threshold)
     episodes = [
         LabelledEpisode(
             episode_index=j.episode_index,
@@ -99,10 +108,11 @@ def calibrate(
     if not episodes:
         return None
     episodes.sort(key=lambda e: e.episode_index)
-    matrix = _matrix(episodes, success_threshold, progress_threshold)
+    matrix = _matrix(episodes, success_threshold, gates)
     cal = Calibration(
         success_threshold=success_threshold,
         progress_threshold=progress_threshold,
+        progress_success_threshold=progress_success_threshold,
         episodes=episodes,
         matrix=matrix,
         balanced_accuracy=_balanced_accuracy(matrix),
@@ -113,7 +123,7 @@ def calibrate(
         return cal
     best, best_score = success_threshold, cal.balanced_accuracy
     for t in _candidate_thresholds(episodes):
-        score = _balanced_accuracy(_matrix(episodes, t, progress_threshold))
+        score = _balanced_accuracy(_matrix(episodes, t, gates))
         closer = abs(t - success_threshold) < abs(best - success_threshold)
         if score > best_score + 1e-12 or (abs(score - best_score) <= 1e-12 and closer):
             best, best_score = t, score
@@ -122,6 +132,8 @@ def calibrate(
         cal.notes.append(f"few labels (under {FEW_LABELS} of one kind): take the suggestion as a hint")
     if progress_threshold is not None:
         cal.notes.append(f"progress_threshold {progress_threshold:.2f} kept as is")
+    if progress_success_threshold is not None:
+        cal.notes.append(f"progress_success_threshold {progress_success_threshold:.2f} kept as is")
     return cal
 
 
@@ -147,16 +159,20 @@ def load_calibration(dataset_root: Path | str) -> dict | None:
         return None
 
 
-def _predicted(e: LabelledEpisode, threshold: float, progress_threshold: float | None) -> bool:
-    if e.unsure or not e.completion_prob >= threshold:  # NaN: never a success
+def _predicted(e: LabelledEpisode, threshold: float, gates: tuple[float | None, float | None]) -> bool:
+    """The judge's verdict rule (judge.decide) on the stored numbers; gates = (progress, progress-success)."""
+    needed, enough = gates
+    if e.unsure:
         return False
-    return progress_threshold is None or e.final_progress >= progress_threshold
+    # NaN compares false: never a success on that side
+    said = e.completion_prob >= threshold or (enough is not None and e.final_progress >= enough)
+    return said and (needed is None or e.final_progress >= needed)
 
 
-def _matrix(episodes, threshold: float, progress_threshold: float | None) -> dict[str, int]:
+def _matrix(episodes, threshold: float, gates: tuple[float | None, float | None]) -> dict[str, int]:
     m = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     for e in episodes:
-        said = _predicted(e, threshold, progress_threshold)
+        said = _predicted(e, threshold, gates)
         m[("t" if said == (e.label == "success") else "f") + ("p" if said else "n")] += 1
     return m
 

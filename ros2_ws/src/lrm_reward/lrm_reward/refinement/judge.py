@@ -7,9 +7,12 @@ engine, per episode, for the completion probability on the last N frames and for
 self-improvement: LRM-judged successes refine the imitation policy).
 
 Verdict: success when the mean completion probability over the last N frames reaches
-`success_threshold` and, when `progress_threshold` is set, the final progress reaches it too; unsure
-when fewer than `min_parsed_fraction` of the answers parsed. Confidence is the probability mass on the
-side of the verdict (completion_prob for a success, 1 - completion_prob otherwise) times the parsed
+`success_threshold` or, when `progress_success_threshold` is set, the final progress reaches that (the
+progress adapter learns from every frame of every episode, and on the demo's rollouts it saw finished
+tasks the completion adapter missed: docs/adaptation.md, "Either adapter"); when `progress_threshold` is
+set, the final progress must reach it too. Unsure when fewer than `min_parsed_fraction` of the answers
+parsed. Confidence is the probability mass on the side of the verdict (completion_prob, or the final
+progress for a success that progress alone called; 1 - completion_prob for a failure) times the parsed
 fraction.
 
 Judgments are written one episode at a time (atomic rename), so a killed run resumes where it stopped;
@@ -92,6 +95,7 @@ class JudgeConfig:
     curve_every_k: int = 10  # progress sampled every k frames (paper: k = 10), plus the last frame
     success_threshold: float = 0.5  # mean completion probability needed for success
     progress_threshold: float | None = None  # if set, final progress must reach it as well
+    progress_success_threshold: float | None = None  # if set, final progress this high is a success alone
     min_parsed_fraction: float = 0.5  # below this the verdict is "unsure"
     camera: str | None = None  # image feature to judge (observation.images.<camera>); None = first
     max_queries_per_call: int = 16  # queries per engine.score call
@@ -106,6 +110,9 @@ class JudgeConfig:
             raise ValueError("JudgeConfig.success_threshold must be in (0, 1)")
         if self.progress_threshold is not None and not 0.0 <= self.progress_threshold <= 1.0:
             raise ValueError("JudgeConfig.progress_threshold must be in [0, 1]")
+        pst = self.progress_success_threshold
+        if pst is not None and not 0.0 < pst <= 1.0:
+            raise ValueError("JudgeConfig.progress_success_threshold must be in (0, 1]")
         if not 0.0 <= self.min_parsed_fraction <= 1.0:
             raise ValueError("JudgeConfig.min_parsed_fraction must be in [0, 1]")
         if self.max_queries_per_call < 1:
@@ -117,6 +124,7 @@ class JudgeConfig:
             "curve_every_k": self.curve_every_k,
             "success_threshold": self.success_threshold,
             "progress_threshold": self.progress_threshold,
+            "progress_success_threshold": self.progress_success_threshold,
             "min_parsed_fraction": self.min_parsed_fraction,
         }
 
@@ -193,10 +201,16 @@ def decide(
     final_progress = float(prog[-1]) if prog else float("nan")
     if not comp or parsed_fraction < cfg.min_parsed_fraction:
         return VERDICT_UNSURE, 0.0, completion_prob, final_progress, parsed_fraction
-    success = completion_prob >= cfg.success_threshold
+    by_completion = completion_prob >= cfg.success_threshold
+    pst = cfg.progress_success_threshold
+    by_progress = pst is not None and bool(prog) and final_progress >= pst
+    success = by_completion or by_progress
     if cfg.progress_threshold is not None:
         success = success and bool(prog) and final_progress >= cfg.progress_threshold
-    confidence = (completion_prob if success else 1.0 - completion_prob) * parsed_fraction
+    if success:
+        confidence = (completion_prob if by_completion else final_progress) * parsed_fraction
+    else:
+        confidence = (1.0 - completion_prob) * parsed_fraction
     return (
         (VERDICT_SUCCESS if success else VERDICT_FAILURE),
         confidence,
@@ -404,7 +418,9 @@ def calibrate_against_operator(
 
     if judgments is None:
         judgments = load_judgments(dataset_root)
-    cal = calibrate(judgments.values(), cfg.success_threshold, cfg.progress_threshold)
+    cal = calibrate(
+        judgments.values(), cfg.success_threshold, cfg.progress_threshold, cfg.progress_success_threshold
+    )
     if cal is None:
         return (
             "no operator labels to check the judge against (stop episodes with OUTCOME_SUCCESS or "
@@ -494,6 +510,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-k", type=int, default=JudgeConfig.curve_every_k)
     p.add_argument("--success-threshold", type=float, default=JudgeConfig.success_threshold)
     p.add_argument("--progress-threshold", type=float, default=None)
+    p.add_argument(
+        "--progress-success-threshold",
+        type=float,
+        default=None,
+        help="final progress at or above this is a success even when completion falls short (default: off)",
+    )
     p.add_argument("--camera", default=None, help="camera name (default: the first)")
     p.add_argument("--skip-partial", action="store_true")
     p.add_argument("--data-root", default=None, help="refuse datasets outside this folder")
@@ -511,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             curve_every_k=args.every_k,
             success_threshold=args.success_threshold,
             progress_threshold=args.progress_threshold,
+            progress_success_threshold=args.progress_success_threshold,
             camera=args.camera,
             skip_partial=args.skip_partial,
         )

@@ -45,6 +45,7 @@ class NightlyConfig:
     every_k: int = 10
     success_threshold: float = 0.5
     progress_threshold: float | None = None
+    progress_success_threshold: float | None = None  # lrm-judge --progress-success-threshold
     data_root: Path | None = None  # judge refuses datasets outside it
     demos: list[Path] = field(default_factory=list)
     steps: int = 2000
@@ -88,6 +89,8 @@ class NightlyConfig:
                 judge += ["--adapters", self.judge_adapters]
             if self.progress_threshold is not None:
                 judge += ["--progress-threshold", str(self.progress_threshold)]
+            if self.progress_success_threshold is not None:
+                judge += ["--progress-success-threshold", str(self.progress_success_threshold)]
             if self.data_root is not None:
                 judge += ["--data-root", str(self.data_root)]
             out.append(judge + list(self.judge_args))

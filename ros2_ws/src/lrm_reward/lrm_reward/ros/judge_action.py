@@ -106,6 +106,8 @@ def goal_for(
     goal.curve_every_k = cfg.curve_every_k
     goal.success_threshold = float(cfg.success_threshold)
     goal.progress_threshold = -1.0 if cfg.progress_threshold is None else float(cfg.progress_threshold)
+    pst = cfg.progress_success_threshold
+    goal.progress_success_threshold = -1.0 if pst is None else float(pst)
     goal.camera = cfg.camera or ""
     goal.skip_partial = bool(cfg.skip_partial)
     return goal
@@ -113,14 +115,18 @@ def goal_for(
 
 def config_from_goal(goal: JudgeEpisodes.Goal, queries_per_call: int) -> JudgeConfig:
     """The JudgeConfig a goal asks for; raises ValueError for invalid settings."""
-    if not math.isfinite(goal.success_threshold) or not math.isfinite(goal.progress_threshold):
-        raise ValueError("success_threshold and progress_threshold must be finite")
+    thresholds = (goal.success_threshold, goal.progress_threshold, goal.progress_success_threshold)
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ValueError("the goal's thresholds must be finite numbers")
     return JudgeConfig(
         completion_last_n=goal.completion_last_n,
         curve_every_k=goal.curve_every_k,
         # float32 on the wire: 0.6 arrives as 0.60000002; round to what the caller wrote
         success_threshold=round(float(goal.success_threshold), 6),
         progress_threshold=None if goal.progress_threshold < 0 else round(float(goal.progress_threshold), 6),
+        progress_success_threshold=(
+            None if goal.progress_success_threshold < 0 else round(float(goal.progress_success_threshold), 6)
+        ),
         camera=goal.camera or None,
         skip_partial=goal.skip_partial,
         max_queries_per_call=queries_per_call,

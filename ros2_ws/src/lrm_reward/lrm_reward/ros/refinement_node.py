@@ -279,6 +279,7 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 curve_every_k=jp["curve_every_k"],
                 success_threshold=jp["success_threshold"],
                 progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
+                progress_success_threshold=_off_if_negative(jp["progress_success_threshold"]),
             )
             target = resolve_inside(self.data_root, req.dataset)  # refuse before asking any model
             if not (target / "meta" / "info.json").exists():
@@ -392,6 +393,7 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 every_k=jp["curve_every_k"],
                 success_threshold=jp["success_threshold"],
                 progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
+                progress_success_threshold=_off_if_negative(jp["progress_success_threshold"]),
                 data_root=self.data_root,
                 demos=[Path(d).expanduser() for d in np_["demos"] if d],
                 steps=np_["steps"],
@@ -467,6 +469,11 @@ class RefinementNode(RecordingIntakeMixin, Node):
         with contextlib.suppress(Exception):
             if self._engine is not None:
                 self._engine.close()
+
+
+def _off_if_negative(value: float) -> float | None:
+    """ROS parameters have no None: a negative threshold means off."""
+    return None if value < 0 else value
 
 
 def main(args: list[str] | None = None, engine_factory=None) -> int:

@@ -93,6 +93,9 @@ def read_parameters(node: Node) -> RefinementSettings:
         "curve_every_k": p("judge.curve_every_k", 10, "progress curve sampled every k frames"),
         "success_threshold": p("judge.success_threshold", 0.5, "mean completion prob for success"),
         "progress_threshold": p("judge.progress_threshold", -1.0, "final progress needed; < 0 = off"),
+        "progress_success_threshold": p(
+            "judge.progress_success_threshold", -1.0, "final progress that is a success alone; < 0 = off"
+        ),
     }
     nightly = {
         "datasets": p("nightly.datasets", ["{today}"], "datasets (inside data_root); {today} = today's"),
