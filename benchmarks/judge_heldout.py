@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress_success is not None:
         rules = [v if v > 0 else None for v in args.progress_success]
 
-    from lrm_demo.reward_model import judge
+    from lrm_demo.judging import judge
 
     by_band = " | ".join(
         f"wrong {lo:g}-{hi:g} cm" if hi != float("inf") else f"wrong >{lo:g} cm" for lo, hi in BANDS

@@ -29,9 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the lrm_demo package beside this script
 
 from lrm_demo.common import REPO, DemoError, DemoSettings, RunState, say
+from lrm_demo.judging import judge
 from lrm_demo.policy import one_torch_thread, refine_policy, train_policy
 from lrm_demo.report import write_report
-from lrm_demo.reward_model import judge, prepare_reward_model
+from lrm_demo.reward_model import prepare_reward_model
 from lrm_demo.ros_rollout import rollout
 from lrm_demo.sim_episodes import collect_demos
 from tqdm import tqdm

@@ -46,7 +46,7 @@ class DemoRun:
             raise SystemExit(f"{out}: the demo run has not finished {missing}")
         self.out = out
         self.settings_dict = dict(state["settings"])
-        # Attribute access as the demo's own stage functions expect (lrm_demo.reward_model.judge reads
+        # Attribute access as the demo's own stage functions expect (lrm_demo.judging.judge reads
         # .device and .judge_threshold); a namespace keeps working when the demo adds settings.
         self.settings = SimpleNamespace(**self.settings_dict)
         self.demos = Path(done["demos"]["root"])

@@ -47,7 +47,7 @@ def round_layouts(args) -> tuple[list[int], list[int]]:
 
 def judge_round(run: DemoRun, dataset: Path, episodes: list[dict]) -> dict:
     """lrm-judge on one round's recording with the demo's reward model and judge settings."""
-    from lrm_demo.reward_model import judge
+    from lrm_demo.judging import judge
 
     with contextlib.redirect_stdout(sys.stderr):
         res = judge(run.settings, run.reward, {"dataset": str(dataset), "episodes": episodes})
