@@ -95,8 +95,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--judge-threshold",
         type=float,
         default=0.25,
-        # The tiny model's P(yes) on held-out successful final frames was 0.30-0.66, on failed ones <= 0.17
-        # (docs/adaptation.md); 0.5 would call most successes failures.
+        # Set when an earlier tiny model's P(yes) on successful final frames was 0.30-0.66, on failed ones
+        # <= 0.17 (docs/adaptation.md). The current one mostly answers near 0 or 1 (a few rollouts at
+        # 0.1-0.5), so the threshold moves few verdicts.
         help="mean completion probability of the last frames for lrm-judge to call an episode a success",
     )
     p.add_argument(
