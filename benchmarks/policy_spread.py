@@ -71,6 +71,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "model (spread/rounds.py)",
     )  # fmt: skip
     p.add_argument("--demo-out", type=Path, default=None, help="--rounds: the finished demo run's folder")
+    p.add_argument(
+        "--selection", choices=["filter", "weighting", "both"], default=None,
+        help="--rounds: lrm-refine's selection every round (default: lrm-refine's own default)",
+    )  # fmt: skip
     p.add_argument("--refine-steps", type=int, default=None, help="refine steps (default: the demo's)")
     p.add_argument("--refine-lr", type=float, default=None, help="refine lr (default: the demo's)")
     p.add_argument("--json", type=Path, default=None, help="--arms / --rounds: also write every result here")
@@ -107,6 +111,8 @@ def main() -> int:
     torch.set_num_threads(1)  # a policy this small trains fastest on one thread (lrm_demo.policy)
     if args.arms is not None and args.rounds is not None:
         raise SystemExit("--arms and --rounds are separate runs")
+    if args.selection is not None and args.rounds is None:
+        raise SystemExit("--selection is a --rounds option (--arms compares every selection)")
     if (args.arms is not None or args.rounds is not None) and (args.refine or args.refine_from or args.demos):
         raise SystemExit("--arms / --rounds train on the demo run's data: no --demos / --refine")
     if args.arms is not None:

@@ -58,14 +58,16 @@ def run_rounds(args) -> int:
     run = DemoRun(args.demo_out, needs=("demos", "reward"))
     recipe = Recipe.of(run, args)
     seen, unseen = round_layouts(args)
-    default = product_default_selection()
+    product = product_default_selection()
+    default = args.selection or product
     s = run.settings
     camera = getattr(s, "camera_view", "workspace")
     say(
         f"demonstrations {run.demos}\nreward model {run.reward['base']} + {run.reward['adapters']}\n"
         f"{recipe.text()}; seeds {args.seeds}; {args.rounds} rounds on layouts {seen[0]}..{seen[-1]} "
         f"(camera {camera}, {s.image_size} px), also evaluated on {unseen[0]}..{unseen[-1]}; "
-        f"selection {default} (lrm-refine's default)"
+        f"selection {default}"
+        + (" (lrm-refine's default)" if default == product else f" (lrm-refine's default: {product})")
     )
     work = Path(tempfile.mkdtemp(prefix="policy_spread.rounds."))
     per_seed: dict[int, list[dict]] = {}
