@@ -25,6 +25,7 @@ rollouts on 20 layouts, rendered and recorded -> lrm-judge with the demo's rewar
 with the default selection -> rollouts ...; success per round on those layouts and on 20 never recorded.
 
     python benchmarks/policy_spread.py --rounds 3 --demo-out out/demo --seeds 0 1 2 --json rounds.json
+    python benchmarks/policy_spread.py --rounds 3 --selection filter --demo-out out/demo --seeds 0 1 2
 
 --smoke runs a mode tiny (a few training steps, 2 layouts, short episodes; tests/test_policy_spread_smoke.py).
 
