@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lrm_reward.durable_files import write_json_atomic
-from lrm_reward.refinement.judge import JUDGMENTS_DIR
+from lrm_reward.refinement.judge import JUDGMENTS_DIR, passes
 
 LABELS = ("success", "failure")
 FEW_LABELS = 5  # fewer labelled episodes than this of either kind: the summary says the sample is small
@@ -160,13 +160,8 @@ def load_calibration(dataset_root: Path | str) -> dict | None:
 
 
 def _predicted(e: LabelledEpisode, threshold: float, gates: tuple[float | None, float | None]) -> bool:
-    """The judge's verdict rule (judge.decide) on the stored numbers; gates = (progress, progress-success)."""
-    needed, enough = gates
-    if e.unsure:
-        return False
-    # NaN compares false: never a success on that side
-    said = e.completion_prob >= threshold or (enough is not None and e.final_progress >= enough)
-    return said and (needed is None or e.final_progress >= needed)
+    """The judge's verdict on the stored numbers; gates = (progress_threshold, progress_success_threshold)."""
+    return not e.unsure and passes(e.completion_prob, e.final_progress, threshold, *gates)
 
 
 def _matrix(episodes, threshold: float, gates: tuple[float | None, float | None]) -> dict[str, int]:

@@ -183,6 +183,19 @@ def load_judgments(dataset_root: Path) -> dict[int, Judgment]:
     return out
 
 
+def passes(
+    completion_prob: float,
+    final_progress: float,
+    success_threshold: float,
+    progress_threshold: float | None = None,
+    progress_success_threshold: float | None = None,
+) -> bool:
+    """The verdict rule on an episode's two numbers (NaN reaches no threshold); calibration uses it too."""
+    enough = progress_success_threshold
+    said = completion_prob >= success_threshold or (enough is not None and final_progress >= enough)
+    return said and (progress_threshold is None or final_progress >= progress_threshold)
+
+
 def decide(
     completion_probs: list[float | None],
     progress_curve: list[float | None],
@@ -201,12 +214,15 @@ def decide(
     final_progress = float(prog[-1]) if prog else float("nan")
     if not comp or parsed_fraction < cfg.min_parsed_fraction:
         return VERDICT_UNSURE, 0.0, completion_prob, final_progress, parsed_fraction
+    # final_progress is NaN without a parsed progress answer: no progress threshold passes then
+    success = passes(
+        completion_prob,
+        final_progress,
+        cfg.success_threshold,
+        cfg.progress_threshold,
+        cfg.progress_success_threshold,
+    )
     by_completion = completion_prob >= cfg.success_threshold
-    pst = cfg.progress_success_threshold
-    by_progress = pst is not None and bool(prog) and final_progress >= pst
-    success = by_completion or by_progress
-    if cfg.progress_threshold is not None:
-        success = success and bool(prog) and final_progress >= cfg.progress_threshold
     if success:
         confidence = (completion_prob if by_completion else final_progress) * parsed_fraction
     else:

@@ -105,12 +105,21 @@ def goal_for(
     goal.completion_last_n = cfg.completion_last_n
     goal.curve_every_k = cfg.curve_every_k
     goal.success_threshold = float(cfg.success_threshold)
-    goal.progress_threshold = -1.0 if cfg.progress_threshold is None else float(cfg.progress_threshold)
-    pst = cfg.progress_success_threshold
-    goal.progress_success_threshold = -1.0 if pst is None else float(pst)
+    goal.progress_threshold = _to_wire(cfg.progress_threshold)
+    goal.progress_success_threshold = _to_wire(cfg.progress_success_threshold)
     goal.camera = cfg.camera or ""
     goal.skip_partial = bool(cfg.skip_partial)
     return goal
+
+
+def _to_wire(threshold: float | None) -> float:
+    """An optional threshold as the goal carries it: -1 for off (messages have no None)."""
+    return -1.0 if threshold is None else float(threshold)
+
+
+def _from_wire(value: float) -> float | None:
+    """A goal's optional threshold back: None when negative, else rounded as the caller wrote it."""
+    return None if value < 0 else round(float(value), 6)
 
 
 def config_from_goal(goal: JudgeEpisodes.Goal, queries_per_call: int) -> JudgeConfig:
@@ -123,10 +132,8 @@ def config_from_goal(goal: JudgeEpisodes.Goal, queries_per_call: int) -> JudgeCo
         curve_every_k=goal.curve_every_k,
         # float32 on the wire: 0.6 arrives as 0.60000002; round to what the caller wrote
         success_threshold=round(float(goal.success_threshold), 6),
-        progress_threshold=None if goal.progress_threshold < 0 else round(float(goal.progress_threshold), 6),
-        progress_success_threshold=(
-            None if goal.progress_success_threshold < 0 else round(float(goal.progress_success_threshold), 6)
-        ),
+        progress_threshold=_from_wire(goal.progress_threshold),
+        progress_success_threshold=_from_wire(goal.progress_success_threshold),
         camera=goal.camera or None,
         skip_partial=goal.skip_partial,
         max_queries_per_call=queries_per_call,

@@ -278,7 +278,7 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 completion_last_n=jp["completion_last_n"],
                 curve_every_k=jp["curve_every_k"],
                 success_threshold=jp["success_threshold"],
-                progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
+                progress_threshold=_off_if_negative(jp["progress_threshold"]),
                 progress_success_threshold=_off_if_negative(jp["progress_success_threshold"]),
             )
             target = resolve_inside(self.data_root, req.dataset)  # refuse before asking any model
@@ -392,7 +392,7 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 last_n=jp["completion_last_n"],
                 every_k=jp["curve_every_k"],
                 success_threshold=jp["success_threshold"],
-                progress_threshold=None if jp["progress_threshold"] < 0 else jp["progress_threshold"],
+                progress_threshold=_off_if_negative(jp["progress_threshold"]),
                 progress_success_threshold=_off_if_negative(jp["progress_success_threshold"]),
                 data_root=self.data_root,
                 demos=[Path(d).expanduser() for d in np_["demos"] if d],
