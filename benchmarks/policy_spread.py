@@ -78,6 +78,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--refine-steps", type=int, default=None, help="refine steps (default: the demo's)")
     p.add_argument("--refine-lr", type=float, default=None, help="refine lr (default: the demo's)")
+    p.add_argument(
+        "--refine-schedule",
+        choices=["constant", "cosine"],
+        default=None,
+        help="refine lr schedule, lrm-refine --lr-schedule (default: the demo's)",
+    )
     p.add_argument("--json", type=Path, default=None, help="--arms / --rounds: also write every result here")
     p.add_argument(
         "--episodes", type=int, default=None, help="evaluation layouts (default 40; plain mode 20)"

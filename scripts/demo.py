@@ -114,6 +114,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-steps", type=int, default=None, help="ACT refinement steps")
     p.add_argument("--policy-lr", type=float, default=5e-4, help="learning rate of the ACT training")
     p.add_argument("--refine-lr", type=float, default=2e-4, help="learning rate of the ACT refinement")
+    p.add_argument(
+        "--refine-schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="refinement lr schedule (lrm-refine --lr-schedule): constant, or warmup then cosine decay to zero",
+    )
     p.add_argument("--interval-frames", type=int, default=5, help="reward_node queries every k frames")
     return p
 

@@ -102,6 +102,7 @@ class Recipe:
     base_lr: float
     refine_steps: int
     refine_lr: float
+    refine_schedule: str  # lrm-refine --lr-schedule
     batch_size: int
     max_steps: int  # steps per evaluation episode
 
@@ -113,6 +114,8 @@ class Recipe:
             base_lr=args.lr or s.policy_lr,
             refine_steps=args.refine_steps or s.refine_steps,
             refine_lr=args.refine_lr or s.refine_lr,
+            # runs from before the demo had the setting refined with a constant lr
+            refine_schedule=args.refine_schedule or getattr(s, "refine_schedule", "constant"),
             batch_size=s.batch_size,
             max_steps=args.max_steps or s.max_steps,
         )
@@ -120,7 +123,8 @@ class Recipe:
     def text(self) -> str:
         return (
             f"base: {self.base_steps} steps lr {self.base_lr:g}; refine: {self.refine_steps} steps lr "
-            f"{self.refine_lr:g}; batch {self.batch_size}; episodes of at most {self.max_steps} steps"
+            f"{self.refine_lr:g} ({self.refine_schedule}); batch {self.batch_size}; episodes of at most "
+            f"{self.max_steps} steps"
         )
 
     def as_dict(self) -> dict:
@@ -159,7 +163,8 @@ def refine_base(
     return train(
         RefineConfig(
             store_root=store, policy_name=POLICY_NAME, datasets=datasets, demos=[run.demos],
-            steps=recipe.refine_steps, batch_size=recipe.batch_size, lr=recipe.refine_lr, device="cpu",
+            steps=recipe.refine_steps, batch_size=recipe.batch_size, lr=recipe.refine_lr,
+            lr_schedule=recipe.refine_schedule, device="cpu",
             selection=selection, cache_frames=True, report=False, seed=seed, progress_bar=False,
         )
     )  # fmt: skip

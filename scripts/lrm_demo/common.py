@@ -71,6 +71,7 @@ class DemoSettings:
     batch_size: int
     policy_lr: float
     refine_lr: float
+    refine_schedule: str  # lrm-refine --lr-schedule
     interval_frames: int
     rounds: int
     selection: str
@@ -97,6 +98,7 @@ class DemoSettings:
             batch_size=8 if quick else 32,
             policy_lr=args.policy_lr,
             refine_lr=args.refine_lr,
+            refine_schedule=args.refine_schedule,
             interval_frames=args.interval_frames,
             rounds=args.rounds,
             selection=args.selection,

@@ -88,6 +88,7 @@ def refine_policy(out: Path, s: DemoSettings, rollouts: list[dict], demos: dict)
                 steps=s.refine_steps,
                 batch_size=s.batch_size,
                 lr=s.refine_lr,
+                lr_schedule=s.refine_schedule,
                 cache_frames=True,
                 device=s.device,
                 selection=s.selection,

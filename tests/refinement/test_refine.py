@@ -221,3 +221,49 @@ def test_import_an_existing_lerobot_checkpoint_through_the_cli(store, tmp_path, 
     assert main(["--store", str(new_store), "--policy", "imported", "--import-checkpoint", str(broken)]) == 1
     assert "cannot load" in capsys.readouterr().err
     assert [v.version for v in ps.versions()] == ["v0001"]
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
+    import torch
+
+    from lrm_reward.refinement.refine import _lr_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=2e-4)
+    cfg = RefineConfig(store_root=Path("/unused"), policy_name="p", demos=[Path("/unused")], steps=100)
+    assert _lr_scheduler(cfg, optimizer, 2e-4) is None  # constant: the library default
+    cfg = RefineConfig(
+        store_root=Path("/unused"), policy_name="p", demos=[Path("/unused")], steps=100, lr_schedule="cosine"
+    )
+    scheduler = _lr_scheduler(cfg, optimizer, 2e-4)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < 2e-4 / 4  # warmup: 5 steps by default
+    # lerobot's cosine runs from step 0, so the peak after warmup is a hair under lr
+    assert peak == 5 and 0.99 * 2e-4 < max(lrs) <= 2e-4
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # decays without a rise
+    assert lrs[-1] < 2e-4 * 1e-3  # the last step is nearly still
+
+
+def test_schedule_reaches_training_and_metadata_and_bad_values_are_refused(store, recorded, capsys):
+    from lrm_reward.refinement.refine import main
+
+    cosine = refine(refine_cfg(store, recorded, steps=4, lr=1e-3, lr_schedule="cosine", report=False))
+    meta = cosine.version.metadata()
+    assert meta["training"]["lr_schedule"] == "cosine" and meta["training"]["warmup_steps"] is None
+    # the same run with a constant lr ends elsewhere: the schedule changed the steps taken
+    ps = PolicyStore(store, "act_pick")
+    ps.promote(ps.versions()[0])  # back to v0001: refine it again, constant lr
+    constant = refine(refine_cfg(store, recorded, steps=4, lr=1e-3, report=False))
+    assert constant.version.metadata()["files"]["model.safetensors"] != meta["files"]["model.safetensors"]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        refine_cfg(store, recorded, lr_schedule="linear")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        refine_cfg(store, recorded, steps=3, lr_schedule="cosine", warmup_steps=3)
+    with pytest.raises(SystemExit):
+        main(["--store", str(store), "--policy", "act_pick", "--lr-schedule", "linear"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -44,6 +44,12 @@ REFINE_VERSION = "lrm-refine/1"
 OBSERVATION_PREFIX = "observation."
 
 
+LR_CONSTANT = "constant"
+LR_COSINE = "cosine"
+LR_SCHEDULES = (LR_CONSTANT, LR_COSINE)
+WARMUP_FRACTION = 0.05
+
+
 class NothingToTrainError(RuntimeError):
     """No episode passed the selection."""
 
@@ -57,6 +63,11 @@ class RefineConfig:
     steps: int = 2000
     batch_size: int = 8
     lr: float | None = None  # None: the policy config's optimizer_lr
+    # constant: lr for every step; cosine: a linear warmup, then cosine decay to zero by the last step
+    # (lerobot's CosineDecayWithWarmupSchedulerConfig), so the version ends where small steps settled it
+    # rather than wherever the last full-size step threw it.
+    lr_schedule: str = LR_CONSTANT
+    warmup_steps: int | None = None  # cosine: None = 5 % of the steps
     weight_decay: float | None = None
     grad_clip_norm: float = 10.0
     num_workers: int = 0
@@ -105,6 +116,12 @@ class RefineConfig:
             raise ValueError("RefineConfig: give at least one judged dataset or demonstration dataset")
         if self.lr is not None and self.lr <= 0:
             raise ValueError("RefineConfig.lr must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"RefineConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError("RefineConfig.warmup_steps must be >= 0 and below steps")
         if self.policy_inputs is not None:
             if isinstance(self.policy_inputs, str):
                 raise ValueError(
@@ -385,6 +402,7 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step, weights=None) -> l
     lr = cfg.lr if cfg.lr is not None else getattr(pcfg, "optimizer_lr", 1e-4)
     wd = cfg.weight_decay if cfg.weight_decay is not None else getattr(pcfg, "optimizer_weight_decay", 0.0)
     optimizer = torch.optim.AdamW(policy.get_optim_params(), lr=lr, weight_decay=wd)
+    scheduler = _lr_scheduler(cfg, optimizer, lr)
     losses: list[float] = []
     bar = None
     if cfg.progress_bar:
@@ -402,6 +420,8 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step, weights=None) -> l
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(value)
             step += 1
             if bar is not None:
@@ -416,6 +436,19 @@ def _train(cfg: RefineConfig, policy, pre, datasets, on_step, weights=None) -> l
         bar.close()
     policy.eval()
     return losses
+
+
+def _lr_scheduler(cfg: RefineConfig, optimizer, lr: float):
+    """None for a constant lr; lerobot's warmup + cosine decay (to zero at cfg.steps) for "cosine"."""
+    if cfg.lr_schedule == LR_CONSTANT:
+        return None
+    from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_FRACTION * cfg.steps)
+    schedule = CosineDecayWithWarmupSchedulerConfig(
+        num_warmup_steps=warmup, num_decay_steps=cfg.steps, peak_lr=lr, decay_lr=0.0
+    )
+    return schedule.build(optimizer, cfg.steps)
 
 
 def _cached_frames(data, policy_cfg, progress_bar: bool) -> list[dict]:
@@ -472,6 +505,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=LR_CONSTANT,
+        help="constant: --lr every step; cosine: warmup, then decay to zero by the last step",
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="--lr-schedule cosine (default: 5%% of --steps)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
@@ -543,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
             device=args.device,
             seed=args.seed,
             num_workers=args.num_workers,
