@@ -118,7 +118,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--refine-schedule",
         default="constant",  # cosine is built, not yet measured against constant (policy_spread --arms)
         choices=["constant", "cosine"],
-        help="refinement lr schedule (lrm-refine --lr-schedule): constant, or warmup then cosine decay to zero",
+        help="refinement lr schedule (lrm-refine --lr-schedule): constant, or warmup then cosine decay to 0",
     )
     p.add_argument("--interval-frames", type=int, default=5, help="reward_node queries every k frames")
     return p

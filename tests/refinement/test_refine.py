@@ -245,7 +245,7 @@ def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
     assert lrs[0] < 2e-4 / 4  # warmup: 5 steps by default
     # lerobot's cosine runs from step 0, so the peak after warmup is a hair under lr
     assert peak == 5 and 0.99 * 2e-4 < max(lrs) <= 2e-4
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # decays without a rise
+    assert all(a >= b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :], strict=True))  # decays without a rise
     assert lrs[-1] < 2e-4 * 1e-3  # the last step is nearly still
 
 
