@@ -25,7 +25,8 @@ rollouts on 20 layouts, rendered and recorded -> lrm-judge with the demo's rewar
 with the default selection -> rollouts ...; success per round on those layouts and on 20 never recorded.
 
     python benchmarks/policy_spread.py --rounds 3 --demo-out out/demo --seeds 0 1 2 --json rounds.json
-    python benchmarks/policy_spread.py --rounds 3 --selection filter --demo-out out/demo --seeds 0 1 2
+    python benchmarks/policy_spread.py --rounds 3 --selection both --demo-out out/demo --seeds 0 1 2
+    python benchmarks/policy_spread.py --rounds 3 --keep-best --demo-out out/demo --seeds 0 1 2
 
 --smoke runs a mode tiny (a few training steps, 2 layouts, short episodes; tests/test_policy_spread_smoke.py).
 
@@ -72,6 +73,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "model (spread/rounds.py)",
     )  # fmt: skip
     p.add_argument("--demo-out", type=Path, default=None, help="--rounds: the finished demo run's folder")
+    p.add_argument(
+        "--keep-best", action="store_true",
+        help="--rounds: before each refinement, lrm-policy promote --best (refine from the version the judge "
+        "called successful most often on its own round)",
+    )  # fmt: skip
     p.add_argument(
         "--selection", choices=["filter", "weighting", "both"], default=None,
         help="--rounds: lrm-refine's selection every round (default: lrm-refine's own default)",
@@ -120,6 +126,8 @@ def main() -> int:
         raise SystemExit("--arms and --rounds are separate runs")
     if args.selection is not None and args.rounds is None:
         raise SystemExit("--selection is a --rounds option (--arms compares every selection)")
+    if args.keep_best and args.rounds is None:
+        raise SystemExit("--keep-best is a --rounds option")
     if (args.arms is not None or args.rounds is not None) and (args.refine or args.refine_from or args.demos):
         raise SystemExit("--arms / --rounds train on the demo run's data: no --demos / --refine")
     if args.arms is not None:

@@ -79,10 +79,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--selection",
-        default="both",
+        default="filter",
         choices=["filter", "weighting", "both"],
-        help="what refinement trains on (lrm-refine --selection): judged successes, every episode "
-        "weighted by its recorded progress, or both (the default, as lrm-refine's)",
+        help="what refinement trains on (lrm-refine --selection): judged successes (the default, as "
+        "lrm-refine's), every episode weighted by its recorded progress, or both",
     )
     p.add_argument(
         "--camera-view",

@@ -182,18 +182,26 @@ def test_rounds_smoke(fake_demo_run, tmp_path):
         "--demo-out",
         str(fake_demo_run),
         "--selection",
-        "filter",
+        "both",
+        "--keep-best",
         json_path=tmp_path / "rounds.json",
     )
     assert got["rounds"] == 3 and got["round_layouts"] == [1000] and got["other_layouts"] == [1001]
-    assert got["selection"] == "filter"  # not lrm-refine's default: the option reaches every round's refine
+    assert got["selection"] == "both"  # not lrm-refine's default: the option reaches every round's refine
+    assert got["keep_best"] is True
     for seed, rows in got["per_seed"].items():
         assert [r["round"] for r in rows] == [1, 2, 3], seed
         assert [r["version"].rsplit("/", 1)[1] for r in rows] == ["v0001", "v0002", "v0003"]
         assert "judge" in rows[0] and "judge" in rows[1] and "judge" not in rows[2]
         # round 2 refines on both rounds recorded so far
         assert len(rows[0]["refine"]["used"]) == 1 and len(rows[1]["refine"]["used"]) == 2
-        assert not any(use["weighted"] for r in rows[:2] for use in r["refine"]["used"].values())
+        # "both": the one episode of each round trains at full weight if judged a success, else weighted
+        called = [r["judge"]["matrix"]["tp"] + r["judge"]["matrix"]["fp"] for r in rows[:2]]
+        for use, success in zip(rows[1]["refine"]["used"].values(), called, strict=True):
+            assert (use["full"], use["weighted"]) == (([0], []) if success else ([], [0])), seed
+        # keep best: round 2's refinement starts from the version judged better on its own round (ties: newer)
+        best = "v0002" if called[1] >= called[0] else "v0001"
+        assert rows[1]["refine"]["parent"].rsplit("/", 1)[1] == best, seed
     assert [e["round"] for e in got["summary"]] == [1, 2, 3]
     assert got["summary"][0]["seen"]["delta"] == [0, 0]  # round 1 against itself
     assert "| round | round layouts, per seed |" in got["stdout"]

@@ -5,8 +5,11 @@ version rolls out on the round layouts (rendered with the demo's camera and imag
 refinement node records, in-process), lrm-judge judges that recording with the demo run's reward model
 (the demo's judge settings), and lrm-refine refines the current version on every round recorded so far
 plus the demonstrations, with the product's default selection (lrm-refine's CLI default); the next round
-rolls out the new version. The last round is rolled out, not judged or refined. Every round's version is
-also rolled out, without recording, on layouts no round has recorded.
+rolls out the new version. With --keep-best, `lrm-policy promote --best` runs before each refinement, so
+it starts from the version the judge called successful most often on its own round so far (the
+rollback a lab would do by hand after a bad night) rather than from the last one. The last round is
+rolled out, not judged or refined. Every round's version is also rolled out, without recording, on
+layouts no round has recorded.
 
 No reward node runs during these rollouts, so there is no live per-frame progress in the recordings:
 the weighting selections weight frames by the judge's progress curve instead (dense_weights.read_progress
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from spread.arms import rollout_use, say
-from spread.demo_run import DemoRun, Recipe, product_default_selection, refine_base, train_base
+from spread.demo_run import POLICY_NAME, DemoRun, Recipe, product_default_selection, refine_base, train_base
 from spread.intervals import RESAMPLED, compare, interval_text
 from spread.rollouts import evaluate, record_rollouts
 
@@ -54,6 +57,19 @@ def judge_round(run: DemoRun, dataset: Path, episodes: list[dict]) -> dict:
     return {"matrix": res["matrix"], "accuracy": res["accuracy"]}
 
 
+def keep_best(store: Path, data_root: Path, round_episodes: int) -> str:
+    """`lrm-policy promote --best` before a round's refinement: current becomes the version the judge
+    called successful most often on its own round's rollouts. Returns 'vNNNN (judge a/b)'."""
+    from lrm_reward.refinement.policy_cli import best_version, promote
+    from lrm_reward.refinement.policy_store import PolicyStore
+
+    policies = PolicyStore(store, POLICY_NAME)
+    version, record = best_version(policies, [data_root], min_judged=min(10, round_episodes))
+    if policies.current().version != version:
+        promote(policies, version)
+    return f"{version} ({record.describe()})"
+
+
 def run_rounds(args) -> int:
     run = DemoRun(args.demo_out, needs=("demos", "reward"))
     recipe = Recipe.of(run, args)
@@ -68,6 +84,7 @@ def run_rounds(args) -> int:
         f"(camera {camera}, {s.image_size} px), also evaluated on {unseen[0]}..{unseen[-1]}; "
         f"selection {default}"
         + (" (lrm-refine's default)" if default == product else f" (lrm-refine's default: {product})")
+        + ("; keep best: refine from the version judged best so far" if args.keep_best else "")
     )
     work = Path(tempfile.mkdtemp(prefix="policy_spread.rounds."))
     per_seed: dict[int, list[dict]] = {}
@@ -110,10 +127,14 @@ def run_rounds(args) -> int:
                 judged = row["judge"]
                 say(f"  seed {seed} round {r}: judge {judged['matrix']} ({judged['wall_s']:.0f} s)")
                 datasets.append(dataset)
+                parent = keep_best(store, work / f"data{seed}", len(seen)) if args.keep_best else None
+                if parent:
+                    say(f"  seed {seed} round {r}: keep best: refine from {parent}")
                 t0 = time.monotonic()
                 result = refine_base(run, recipe, store, seed, datasets, default)
                 train_s = time.monotonic() - t0
                 row["refine"] = {
+                    "parent": result.parent,
                     "final_loss": result.losses[-1],
                     "train_s": train_s,
                     "used": {str(d): rollout_use(result.selection, d) for d in datasets},
@@ -129,6 +150,7 @@ def run_rounds(args) -> int:
             "demo_run": str(run.out),
             "recipe": recipe.as_dict(),
             "selection": default,
+            "keep_best": args.keep_best,
             "seeds": args.seeds,
             "rounds": args.rounds,
             "round_layouts": seen,
@@ -190,13 +212,17 @@ def print_rounds(per_seed, summary, seeds, seen, unseen, selection, total_s) -> 
         print(f"| {entry['round']} | {parts[0]} | {parts[1]} | {judged} |")
     print(f"\nIntervals: {RESAMPLED}; in successes out of the layouts of the column.")
     print("\nper seed (x success, . failure; the round layouts, then the others):\n")
-    print("| seed | round | version | layouts | refine final loss | refine s | judge s | rollouts s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| seed | round | version | layouts | refined from | refine final loss | refine s | judge s "
+        "| rollouts s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in seeds:
         for row in per_seed[s]:
             marks = " ".join("".join("x" if ok else "." for ok in row[k]) for k in ("seen", "unseen"))
             ref, judge = row.get("refine"), row.get("judge")
-            refined = f"{ref['final_loss']:.4f} | {ref['train_s']:.0f}" if ref else "— | —"
+            parent = str(ref.get("parent") or "—").rpartition("/")[2] if ref else "—"
+            refined = f"{parent} | {ref['final_loss']:.4f} | {ref['train_s']:.0f}" if ref else "— | — | —"
             judged = f"{judge['wall_s']:.0f}" if judge else "—"
             print(
                 f"| {s} | {row['round']} | {row['version']} | `{marks}` | {refined} | {judged} "

@@ -192,7 +192,7 @@ def test_no_progress_at_all_is_a_clear_error(tmp_path, capsys):
     assert main([*argv, "--selection", "weighting"]) == 1
     err = capsys.readouterr().err
     assert str(bare) in err and "lrm-judge" in err and "no progress value at all" in err
-    # "both" (the command's default) falls back to the judged successes: here none, so nothing to train
+    # "both" falls back to the judged successes: here none, so nothing to train
     with pytest.raises(NothingToTrainError, match="not judged; no progress to weight by"):
         refine(RefineConfig(tmp_path / "p", "p", datasets=[bare], selection="both", from_scratch=True))
 
@@ -322,12 +322,15 @@ class PolicyHistory:
         return self.store.history()[-1]
 
 
-def test_the_command_defaults_to_both(store, night, capsys):
+def test_the_command_defaults_to_the_judged_filter(store, night, capsys):
     argv = [str(night), "--store", str(store), "--policy", "act", "--steps", "1", "--batch-size", "4"]
     assert main([*argv, "--no-promote", "--no-report", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "selection both, 4 episodes (2 weighted by progress, 0 rejected)" in out
-    assert PolicyHistory(store).last()["selection"] == "both"
+    assert "selection filter, 2 episodes (0 weighted by progress, 2 rejected)" in out
+    assert PolicyHistory(store).last()["selection"] == "filter"
+    # the other selections stay one flag away
+    assert main([*argv, "--selection", "both", "--no-promote", "--no-report", "--quiet"]) == 0
+    assert "selection both, 4 episodes (2 weighted by progress, 0 rejected)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ stock lerobot-train with our parquet

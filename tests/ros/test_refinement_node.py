@@ -79,6 +79,7 @@ def refinement_node(tmp_path, tiny_lrm):
         "nightly.steps": 2,
         "nightly.batch_size": 4,
         "nightly.refine_args": ["--from-scratch", "--policy-config", json.dumps(TINY_ACT)],
+        "nightly.keep_best": True,  # no version yet: the step keeps current (none) and the night goes on
     }
     node = _start_node(tmp_path, params)
     yield node, tmp_path / "data"
@@ -315,6 +316,7 @@ def test_records_judges_and_refuses_bad_requests(ros_node, refinement_node):
     assert finished, log[-3000:]
     assert nightly_status()["nightly last exit code"] == "0", log[-3000:]
     assert log_path.is_relative_to(data_root / "nightly")
+    assert "current stays" in log and "=== keep best exited with 0" in log, log[-3000:]
     assert (process_root := data_root.parent / "policies" / "act_pick" / "v0001").is_dir(), log[-3000:]
     assert (process_root.parent / "current").exists()
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 JUDGE_MODULE = "lrm_reward.refinement.judge"
+POLICY_MODULE = "lrm_reward.refinement.policy_cli"
 REFINE_MODULE = "lrm_reward.refinement.refine"
 
 
@@ -51,6 +52,10 @@ class NightlyConfig:
     steps: int = 2000
     batch_size: int = 8
     device: str = "cpu"
+    # before refining, point current at the version the judge called successful most often on the
+    # recordings under data_root (lrm-policy promote --best --or-current): a bad night is not built on
+    keep_best: bool = False
+    keep_best_min_judged: int = 10
     judge_args: list[str] = field(default_factory=list)  # extra arguments, appended as given
     refine_args: list[str] = field(default_factory=list)
 
@@ -67,6 +72,8 @@ class NightlyConfig:
             )
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("nightly: steps and batch_size must be >= 1")
+        if self.keep_best and (self.data_root is None or self.keep_best_min_judged < 1):
+            raise ValueError("nightly: keep_best needs the data root and keep_best_min_judged >= 1")
 
     def commands(self) -> list[list[str]]:
         py = [sys.executable, "-m"]
@@ -94,6 +101,10 @@ class NightlyConfig:
             if self.data_root is not None:
                 judge += ["--data-root", str(self.data_root)]
             out.append(judge + list(self.judge_args))
+        if self.keep_best:
+            best = [*py, POLICY_MODULE, "promote", "--store", str(self.store), "--policy", self.policy]
+            best += ["--best", "--or-current", "--data-root", str(self.data_root)]
+            out.append([*best, "--min-judged", str(self.keep_best_min_judged)])
         refine = [*py, REFINE_MODULE, *data, "--store", str(self.store), "--policy", self.policy]
         refine += ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--device", self.device]
         if self.demos:
@@ -110,7 +121,7 @@ class NightlyRunner:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
-        self.step = ""  # "judge" | "refine" while running
+        self.step = ""  # "judge" | "keep best" | "refine" while running
         self.started_at = ""
         self.log_path: Path | None = None
         self.last_exit_code: int | None = None  # of the last finished run: 0 ok, else the failing step's
@@ -135,7 +146,7 @@ class NightlyRunner:
             self.log_path = self.log_dir / f"nightly_{stamp}_{os.getpid()}.log"
             log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the run thread
             self.started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-            self.step = "judge" if len(commands) == 2 else "refine"
+            self.step = _step_name(commands[0])
             self._thread = threading.Thread(
                 target=self._run, args=(commands, log), name="nightly", daemon=True
             )
@@ -199,4 +210,4 @@ class NightlyRunner:
 
 
 def _step_name(argv: list[str]) -> str:
-    return "judge" if JUDGE_MODULE in argv else "refine"
+    return "judge" if JUDGE_MODULE in argv else "keep best" if POLICY_MODULE in argv else "refine"

@@ -2,11 +2,17 @@
 
     lrm-policy list --store ~/lrm/policies --policy act_pick --data-root ~/lrm_data
     lrm-policy promote --store ~/lrm/policies --policy act_pick v0003     # e.g. back to last week's
+    lrm-policy promote --store ~/lrm/policies --policy act_pick --best --data-root ~/lrm_data
 
 `list` prints one row per version: parent, when it was made, what it was trained on, the final loss, and,
 with --data-root, the episodes recorded while it ran (StartEpisode.policy_version names it as
 "<policy>/vNNNN" or "vNNNN") with the judge's and the operator's success counts. That is the number that
 says whether a night's refinement helped on the real robot.
+
+`promote --best --data-root DIR` picks the version the judge called successful most often on those
+recordings (at least --min-judged judged episodes, default 10; ties go to the newer version): run before
+a night's refinement, the loop refines from its best version so far rather than from last night's, which
+may have been a bad one.
 
 `promote` points `current` at any existing version after checking its files against their checksums,
 under the store lock (not while a refinement run writes), and logs the move in `promotions.jsonl`. A
@@ -86,6 +92,27 @@ def robot_records(data_roots: list[Path], policy: str) -> dict[str, RobotRecord]
             rec.judged += 1
             rec.judged_successes += bool(judgment.get("success"))
     return records
+
+
+def best_version(store: PolicyStore, data_roots: list[Path], min_judged: int = 10) -> tuple[str, RobotRecord]:
+    """The version whose recorded episodes the judge called successes most often (ties: the newer one).
+
+    Only versions with at least `min_judged` judged episodes compete: a rate over a handful of episodes
+    says little. LookupError when none has that many."""
+    if min_judged < 1:
+        raise ValueError("min_judged must be at least 1")
+    known = {v.version for v in store.versions()}
+    robot = robot_records(data_roots, store.name)
+    ranked = [(rec.judged_successes / rec.judged, v, rec) for v, rec in robot.items() if v in known]
+    ranked = [r for r in ranked if r[2].judged >= min_judged]
+    if not ranked:
+        seen = ", ".join(f"{v} {rec.judged}" for v, rec in sorted(robot.items()) if v in known) or "none"
+        raise LookupError(
+            f"no version of {store.name} has {min_judged} or more judged episodes under "
+            f"{', '.join(str(d) for d in data_roots) or 'no data root'} (judged per version: {seen})"
+        )
+    _, version, record = max(ranked, key=lambda r: (r[0], r[1]))
+    return version, record
 
 
 def _version_of(policy_version: str, policy: str) -> str | None:
@@ -171,12 +198,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--store", required=True, type=Path, help="policy store root")
         s.add_argument("--policy", required=True, help="policy name inside the store")
-        if name == "list":
+        s.add_argument(
+            "--data-root", type=Path, action="append", default=[], help="recordings to count (repeatable)"
+        )
+        if name == "promote":
+            s.add_argument("version", nargs="?", help="vNNNN")
             s.add_argument(
-                "--data-root", type=Path, action="append", default=[], help="recordings to count (repeatable)"
+                "--best",
+                action="store_true",
+                help="the version the judge called successful most often on the recordings under --data-root",
             )
-        else:
-            s.add_argument("version", help="vNNNN")
+            s.add_argument(
+                "--min-judged", type=int, default=10, help="--best: judged episodes a version needs"
+            )
+            s.add_argument(
+                "--or-current",
+                action="store_true",
+                help="--best: if no version has enough judged episodes, keep current and exit 0",
+            )
     return p
 
 
@@ -184,8 +223,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
         store = PolicyStore(args.store.expanduser(), args.policy)
+        roots = [d.expanduser() for d in args.data_root]
         if args.command == "list":
-            print(list_versions(store, [d.expanduser() for d in args.data_root]))
+            print(list_versions(store, roots))
+        elif args.best == bool(args.version):
+            raise ValueError("promote: name a version or pass --best (with --data-root), not both")
+        elif args.best:
+            try:
+                version, record = best_version(store, roots, args.min_judged)
+            except LookupError as exc:
+                if not args.or_current:
+                    raise
+                print(f"{exc}; current stays")
+                return 0
+            print(f"best on the robot: {version} ({record.describe()})")
+            current = store.current()
+            if current is not None and current.version == version:
+                print(f"{store.name}: current is {version} already")
+            else:
+                print(promote(store, version))
         else:
             print(promote(store, args.version))
     except (ValueError, LookupError) as exc:

@@ -75,8 +75,8 @@ class RefineConfig:
     seed: int = 0
     min_confidence: float = 0.0  # judged successes below this confidence are left out (or weighted)
     # filter: judged successes only; weighting: every episode, each frame weighted by progress (RA-BC);
-    # both: judged successes at full weight, the other episodes weighted. The library default stays
-    # "filter" (what existing callers measured); the lrm-refine command defaults to "both".
+    # both: judged successes at full weight, the other episodes weighted. "filter" is also the lrm-refine
+    # command's default: the one selection whose gain held over seeds (docs/refinement.md).
     selection: str = dense_weights.SELECTION_FILTER
     min_frame_weight: float = 0.05  # floor under a weighted frame: failures weigh little, not nothing
     include_partial: bool = False  # use episodes the recorder marked partial
@@ -521,9 +521,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--selection",
         choices=dense_weights.SELECTIONS,
-        default=dense_weights.SELECTION_BOTH,
-        help="filter: judged successes only; weighting: every episode, frames weighted by the reward "
-        "model's progress (RA-BC); both (default): judged successes at full weight, the rest weighted",
+        default=dense_weights.SELECTION_FILTER,
+        help="filter (default): judged successes only; weighting: every episode, frames weighted by the "
+        "reward model's progress (RA-BC); both: judged successes at full weight, the rest weighted",
     )
     p.add_argument(
         "--min-frame-weight",

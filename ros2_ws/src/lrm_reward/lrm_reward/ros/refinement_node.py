@@ -399,6 +399,8 @@ class RefinementNode(RecordingIntakeMixin, Node):
                 steps=np_["steps"],
                 batch_size=np_["batch_size"],
                 device=np_["device"],
+                keep_best=np_["keep_best"],
+                keep_best_min_judged=np_["keep_best_min_judged"],
                 judge_args=[a for a in np_["judge_args"] if a],
                 refine_args=[a for a in np_["refine_args"] if a],
             )

@@ -110,6 +110,14 @@ def read_parameters(node: Node) -> RefinementSettings:
             True,
             "judge the datasets first (judge.* parameters; judge.mode reward_node: lrm-judge --via-node)",
         ),
+        "keep_best": p(
+            "nightly.keep_best",
+            False,
+            "before refining, make current the version judged best on the robot (lrm-policy promote --best)",
+        ),
+        "keep_best_min_judged": p(
+            "nightly.keep_best_min_judged", 10, "keep_best: judged episodes a version needs to compete"
+        ),
         "judge_args": p("nightly.judge_args", [""], "extra lrm-judge arguments"),
         "refine_args": p("nightly.refine_args", [""], "extra lrm-refine arguments"),
     }
