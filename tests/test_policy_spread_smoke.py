@@ -205,3 +205,21 @@ def test_rounds_smoke(fake_demo_run, tmp_path):
     assert [e["round"] for e in got["summary"]] == [1, 2, 3]
     assert got["summary"][0]["seen"]["delta"] == [0, 0]  # round 1 against itself
     assert "| round | round layouts, per seed |" in got["stdout"]
+
+
+def test_keep_best_goes_back_to_the_version_judged_better(tmp_path):
+    sys.path.insert(0, str(REPO / "tests" / "refinement"))
+    from spread.demo_run import POLICY_NAME
+    from spread.rounds import keep_best
+    from store_records import add_episode, add_version
+
+    from lrm_reward.refinement.policy_store import PolicyStore
+
+    store = PolicyStore(tmp_path / "policies", POLICY_NAME)
+    add_version(store, None, [], 0.5)
+    add_version(store, f"{POLICY_NAME}/v0001", [], 0.4)  # v0002, current: last night's, judged worse
+    for i in range(4):
+        add_episode(tmp_path / "data" / "round1", i, f"{POLICY_NAME}/v0001", "unknown", i < 3)
+        add_episode(tmp_path / "data" / "round2", i, f"{POLICY_NAME}/v0002", "unknown", i < 1)
+    assert keep_best(store.root, tmp_path / "data", 4) == "v0001 (4 episodes, judge 3/4 (75%))"
+    assert store.current().version == "v0001"

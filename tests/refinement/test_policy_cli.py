@@ -88,11 +88,31 @@ def test_promote_best_picks_the_version_the_judge_liked_most(store, tmp_path, ca
     assert "best on the robot: v0002 (20 episodes, judge 12/20 (60%))" in capsys.readouterr().out
 
 
-def test_promote_best_needs_recordings_and_noadd_version(store, tmp_path, capsys):
+def test_promote_best_needs_recordings_and_no_version(store, tmp_path, capsys):
     argv = ["promote", "--store", str(store.root), "--policy", "act_pick"]
     assert main([*argv, "--best", "--data-root", str(tmp_path / "empty")]) == 2
     assert "no version of act_pick has 10 or more judged episodes" in capsys.readouterr().err
     assert main([*argv, "--best", "v0001"]) == 2
     assert main(argv) == 2
     assert "name a version or pass --best" in capsys.readouterr().err
+    assert main([*argv, "v0001", "--min-judged", "3"]) == 2
+    assert "go with --best" in capsys.readouterr().err
     assert store.current().version == "v0002"
+
+
+def test_promote_best_past_a_corrupt_version(store, tmp_path, capsys):
+    data = tmp_path / "data"
+    for i in range(10):
+        add_episode(data / "night1", i, "act_pick/v0001", "unknown", i < 6)
+        add_episode(data / "night2", i, "act_pick/v0002", "unknown", i < 3)
+    argv = ["promote", "--store", str(store.root), "--policy", "act_pick", "--data-root", str(data), "--best"]
+    (store.dir / "v0001" / "config.json").write_text("{}")  # the best one fails its checksum
+    assert main(argv) == 1
+    assert "does not match its checksum" in capsys.readouterr().err
+    assert main([*argv, "--or-current"]) == 0  # the nightly step: the night goes on from current
+    assert "current stays" in capsys.readouterr().out and store.current().version == "v0002"
+    (store.dir / "v0001" / "config.json").write_text(json.dumps({"type": "act"}))  # restored
+    (store.dir / "v0002" / "config.json").write_text("{}")  # now current is the corrupt one
+    assert main(argv) == 0
+    assert "act_pick: current v0002 -> v0001" in capsys.readouterr().out  # a corrupt current does not block
+    assert store.current().version == "v0001"

@@ -12,7 +12,8 @@ says whether a night's refinement helped on the real robot.
 `promote --best --data-root DIR` picks the version the judge called successful most often on those
 recordings (at least --min-judged judged episodes, default 10; ties go to the newer version): run before
 a night's refinement, the loop refines from its best version so far rather than from last night's, which
-may have been a bad one.
+may have been a bad one. With --or-current, a night where no version qualifies, or the best one fails its
+checksum, keeps current and exits 0 (the nightly loop goes on to refine).
 
 `promote` points `current` at any existing version after checking its files against their checksums,
 under the store lock (not while a refinement run writes), and logs the move in `promotions.jsonl`. A
@@ -111,7 +112,7 @@ def best_version(store: PolicyStore, data_roots: list[Path], min_judged: int = 1
             f"no version of {store.name} has {min_judged} or more judged episodes under "
             f"{', '.join(str(d) for d in data_roots) or 'no data root'} (judged per version: {seen})"
         )
-    _, version, record = max(ranked, key=lambda r: (r[0], r[1]))
+    _, version, record = max(ranked, key=lambda r: (r[0], int(r[1][1:])))
     return version, record
 
 
@@ -191,6 +192,26 @@ def promote(store: PolicyStore, version_name: str) -> str:
     return f"{store.name}: current {record['previous'] or 'none'} -> {target.version}"
 
 
+def _promote_best(store: PolicyStore, roots: list[Path], min_judged: int, or_current: bool) -> int:
+    """promote --best; with or_current, a night without a usable best version keeps current (exit 0)."""
+    try:
+        version, record = best_version(store, roots, min_judged)
+        print(f"best on the robot: {version} ({record.describe()})")
+        try:
+            current = store.current()
+        except CorruptCheckpointError:
+            current = None  # promoting the best version repairs it
+        if current is not None and current.version == version:
+            print(f"{store.name}: current is {version} already")
+        else:
+            print(promote(store, version))
+    except (LookupError, CorruptCheckpointError) as exc:
+        if not or_current:
+            raise
+        print(f"{exc}; current stays")
+    return 0
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrm-policy", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,7 +230,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                 help="the version the judge called successful most often on the recordings under --data-root",
             )
             s.add_argument(
-                "--min-judged", type=int, default=10, help="--best: judged episodes a version needs"
+                "--min-judged", type=int, default=None, help="--best: judged episodes a version needs (10)"
             )
             s.add_argument(
                 "--or-current",
@@ -229,19 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.best == bool(args.version):
             raise ValueError("promote: name a version or pass --best (with --data-root), not both")
         elif args.best:
-            try:
-                version, record = best_version(store, roots, args.min_judged)
-            except LookupError as exc:
-                if not args.or_current:
-                    raise
-                print(f"{exc}; current stays")
-                return 0
-            print(f"best on the robot: {version} ({record.describe()})")
-            current = store.current()
-            if current is not None and current.version == version:
-                print(f"{store.name}: current is {version} already")
-            else:
-                print(promote(store, version))
+            return _promote_best(store, roots, 10 if args.min_judged is None else args.min_judged, args.or_current)
+        elif roots or args.min_judged is not None or args.or_current:
+            raise ValueError("promote: --data-root, --min-judged and --or-current go with --best")
         else:
             print(promote(store, args.version))
     except (ValueError, LookupError) as exc:
