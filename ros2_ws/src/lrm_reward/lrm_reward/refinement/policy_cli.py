@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.best == bool(args.version):
             raise ValueError("promote: name a version or pass --best (with --data-root), not both")
         elif args.best:
-            return _promote_best(store, roots, 10 if args.min_judged is None else args.min_judged, args.or_current)
+            min_judged = 10 if args.min_judged is None else args.min_judged
+            return _promote_best(store, roots, min_judged, args.or_current)
         elif roots or args.min_judged is not None or args.or_current:
             raise ValueError("promote: --data-root, --min-judged and --or-current go with --best")
         else:
