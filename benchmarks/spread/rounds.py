@@ -60,13 +60,11 @@ def judge_round(run: DemoRun, dataset: Path, episodes: list[dict]) -> dict:
 def keep_best(store: Path, data_root: Path, round_episodes: int) -> str:
     """`lrm-policy promote --best` before a round's refinement: current becomes the version the judge
     called successful most often on its own round's rollouts. Returns 'vNNNN (judge a/b)'."""
-    from lrm_reward.refinement.policy_cli import best_version, promote
+    from lrm_reward.refinement.policy_cli import promote_best
     from lrm_reward.refinement.policy_store import PolicyStore
 
     policies = PolicyStore(store, POLICY_NAME)
-    version, record = best_version(policies, [data_root], min_judged=min(10, round_episodes))
-    if policies.current().version != version:
-        promote(policies, version)
+    version, record, _ = promote_best(policies, [data_root], min_judged=min(10, round_episodes))
     return f"{version} ({record.describe()})"
 
 

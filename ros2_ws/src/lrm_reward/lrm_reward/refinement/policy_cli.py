@@ -192,19 +192,24 @@ def promote(store: PolicyStore, version_name: str) -> str:
     return f"{store.name}: current {record['previous'] or 'none'} -> {target.version}"
 
 
+def promote_best(store: PolicyStore, roots: list[Path], min_judged: int = 10) -> tuple[str, RobotRecord, str]:
+    """Point `current` at best_version() unless it is there already: (version, its record, what changed)."""
+    version, record = best_version(store, roots, min_judged)
+    try:
+        current = store.current()
+    except CorruptCheckpointError:
+        current = None  # promoting the best version repairs it
+    if current is not None and current.version == version:
+        return version, record, f"{store.name}: current is {version} already"
+    return version, record, promote(store, version)
+
+
 def _promote_best(store: PolicyStore, roots: list[Path], min_judged: int, or_current: bool) -> int:
     """promote --best; with or_current, a night without a usable best version keeps current (exit 0)."""
     try:
-        version, record = best_version(store, roots, min_judged)
+        version, record, change = promote_best(store, roots, min_judged)
         print(f"best on the robot: {version} ({record.describe()})")
-        try:
-            current = store.current()
-        except CorruptCheckpointError:
-            current = None  # promoting the best version repairs it
-        if current is not None and current.version == version:
-            print(f"{store.name}: current is {version} already")
-        else:
-            print(promote(store, version))
+        print(change)
     except (LookupError, CorruptCheckpointError) as exc:
         if not or_current:
             raise
