@@ -42,7 +42,11 @@ BANDS = ((0.0, 2.0), (2.0, 3.0), (3.0, 4.5), (4.5, float("inf")))
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-out", type=Path, default=REPO / "out" / "demo", help="a finished demo run")
-    p.add_argument("--policy", default=None, help="policy version in the run's store (default: its v0001)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="policy version in the run's store: v0002 or act_so101/v0002 (default: the run's first, v0001)",
+    )
     p.add_argument("--first-seed", type=int, default=7000, help="first held-out layout")
     p.add_argument("--episodes", type=int, default=60, help="held-out layouts (episodes)")
     p.add_argument(
@@ -88,10 +92,14 @@ def held_out_recording(run: DemoRun, args) -> tuple[Path, list[dict]]:
     """Record the policy on the held-out layouts once; later runs read the kept rows."""
     done = json.loads((run.out / "state.json").read_text())["done"]
     store = Path(done["policy"]["store"])
-    version = args.policy or done["policy"]["version"]
+    first = done["policy"]["version"]  # name/vNNNN
+    version = args.policy or first
+    if "/" not in version and "/" in first:  # a bare vNNNN names a version of the run's policy
+        version = f"{first.split('/')[0]}/{version}"
     policy = store / version
     if not (policy / "model.safetensors").is_file() and not any(policy.glob("**/model.safetensors")):
-        raise SystemExit(f"{policy}: no policy checkpoint")
+        found = sorted(v.relative_to(store).as_posix() for v in store.glob("*/v[0-9]*") if v.is_dir())
+        raise SystemExit(f"{policy}: no policy checkpoint (in {store}: {', '.join(found) or 'no versions'})")
     layouts = list(range(args.first_seed, args.first_seed + args.episodes))
     work = (
         args.work
