@@ -92,13 +92,15 @@ def held_out_recording(run: DemoRun, args) -> tuple[Path, list[dict]]:
     """Record the policy on the held-out layouts once; later runs read the kept rows."""
     done = json.loads((run.out / "state.json").read_text())["done"]
     store = Path(done["policy"]["store"])
-    first = done["policy"]["version"]  # name/vNNNN
-    version = args.policy or first
-    if "/" not in version and "/" in first:  # a bare vNNNN names a version of the run's policy
-        version = f"{first.split('/')[0]}/{version}"
+    name = done["policy"]["version"].split("/")[0]  # the run's first version: name/vNNNN
+    version = args.policy or done["policy"]["version"]
+    if "/" not in version:  # a bare vNNNN names a version of the run's policy
+        version = f"{name}/{version}"
     policy = store / version
     if not (policy / "model.safetensors").is_file() and not any(policy.glob("**/model.safetensors")):
-        found = sorted(v.relative_to(store).as_posix() for v in store.glob("*/v[0-9]*") if v.is_dir())
+        from lrm_reward.refinement.policy_store import PolicyStore
+
+        found = [v.ref for v in PolicyStore(store, name).versions()]
         raise SystemExit(f"{policy}: no policy checkpoint (in {store}: {', '.join(found) or 'no versions'})")
     layouts = list(range(args.first_seed, args.first_seed + args.episodes))
     work = (
