@@ -32,7 +32,8 @@ DONE_FILE = "made.json"
 # are all there, and episodes that carry the cube over the target and hover there without putting it down,
 # and episodes that stop open-jawed by the untouched cube: measured on the demo's rollouts, the policy's
 # common failures, which a reward model trained without them called successes (docs/adaptation.md).
-# Placements off-centre (place offset > 0) were tried and not kept: docs/adaptation.md, "Off-centre".
+# Placements off-centre (place offset > 0: up to 4 or 8 cm, or 1.5-2.5 cm, successes only) were tried and
+# not kept: docs/adaptation.md, "Off-centre" and "Successes off-centre only".
 REWARD_SEED = 5000
 REWARD_NOISE = [
     (0.03, 0.005, "", 0.0),

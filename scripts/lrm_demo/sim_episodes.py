@@ -17,11 +17,15 @@ from tqdm import tqdm
 from lrm_demo.common import DEMO_SEED, DemoError, DemoSettings, fresh_dir
 from lrm_reward.sim.so101_scene import ACTION_NAMES, ENV_STATE_NAMES, JOINT_NAMES, TASK
 
+# (action sigma, grasp offset sigma, failure mode, place offset): the offset from the target's centre where
+# the cube is put down, at most this far (m) or a (least, most) pair.
+Noise = tuple[float, float, str, float | tuple[float, float]]
+
 
 def record_expert_episodes(
     root: Path,
     seeds: list[int],
-    noises: list[tuple[float, float, str, float]],
+    noises: list[Noise],
     s: DemoSettings,
     dataset_for,
     desc: str,
@@ -36,7 +40,7 @@ def record_expert_episodes(
         return _record(root, jobs, s, dataset_for, bar.update)
 
 
-def _jobs(seeds: list[int], noises: list[tuple[float, float, str, float]]) -> list[tuple]:
+def _jobs(seeds: list[int], noises: list[Noise]) -> list[tuple]:
     """(index, seed, noise) per episode: noise levels and failure modes taken in turn."""
     return [(i, seed, noises[i % len(noises)]) for i, seed in enumerate(seeds)]
 
@@ -44,7 +48,7 @@ def _jobs(seeds: list[int], noises: list[tuple[float, float, str, float]]) -> li
 def record_expert_episodes_sharded(
     root: Path,
     seeds: list[int],
-    noises: list[tuple[float, float, str, float]],
+    noises: list[Noise],
     s: DemoSettings,
     dataset: str,
     desc: str,
@@ -126,8 +130,16 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
     with So101Scene(scene_cfg) as scene:
         for i, seed, (sigma, grasp_offset, fail_mode, place_offset) in jobs:
             # One noise seed; the episode seed varies the noise (reset below).
+            place_min, place_max = _place_range(place_offset)
             expert = NoisyExpert(
-                ExpertNoise(sigma, grasp_offset, DEMO_SEED, fail_mode, place_offset_max_m=place_offset)
+                ExpertNoise(
+                    sigma,
+                    grasp_offset,
+                    DEMO_SEED,
+                    fail_mode,
+                    place_offset_max_m=place_max,
+                    place_offset_min_m=place_min,
+                )
             )
             state = scene.reset(seed)
             expert.reset(seed)
@@ -141,8 +153,8 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
             outcomes.append({"seed": seed, "success": ok, "steps": state.step_index, "noise": noise})
             rec = recorder(dataset_for(ok))
             how = " ".join(str(x) for x in (f"{sigma}/{grasp_offset}", fail_mode) if x)
-            if place_offset:
-                how += f", placed up to {place_offset} m off-centre"
+            if place_max:
+                how += f", placed {place_min}-{place_max} m off-centre"
             rec.start(TASK, notes=f"noisy expert {how}, seed {seed}", policy_version="scripted_expert")
             t0 = 1_000_000.0 + i * 1000.0
             # The action that led to frame k+1 is recorded with frame k (what the robot did from there); the
@@ -163,6 +175,13 @@ def _record(root: Path, jobs: list, s: DemoSettings, dataset_for, progress, fina
     for rec in recorders.values():
         rec.close()
     return outcomes
+
+
+def _place_range(place_offset) -> tuple[float, float]:
+    """A noise entry's place offset: the most (m), or a (least, most) pair."""
+    if isinstance(place_offset, (tuple, list)):
+        return float(place_offset[0]), float(place_offset[1])
+    return 0.0, float(place_offset)
 
 
 def collect_demos(out: Path, s: DemoSettings) -> dict:

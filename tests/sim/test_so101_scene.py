@@ -104,6 +104,26 @@ def test_the_place_offset_puts_the_cube_down_off_centre_and_decides_the_outcome(
         ExpertNoise(place_offset_max_m=-0.01)
 
 
+def test_a_minimum_place_offset_keeps_the_cube_off_centre_and_inside_the_radius(scene):
+    # The band the demo's labelled data uses for successes that end off-centre.
+    for seed in range(3):
+        expert = NoisyExpert(ExpertNoise(seed=seed, place_offset_min_m=0.015, place_offset_max_m=0.025))
+        _, states = _run(scene, expert, seed)
+        end = states[-1]
+        placed = np.linalg.norm(end.block_position[:2] - end.goal_position[:2])
+        assert 0.015 <= np.linalg.norm(expert.place_offset) <= 0.025
+        assert placed > 0.008 and end.success  # off the centre, still done
+    offsets = set()
+    for seed in range(20):  # the draw alone: no scene needed
+        expert = NoisyExpert(ExpertNoise(seed=seed, place_offset_min_m=0.015, place_offset_max_m=0.025))
+        expert.reset(seed)
+        offsets.add(round(float(np.linalg.norm(expert.place_offset)), 4))
+    assert min(offsets) >= 0.015 and max(offsets) <= 0.025 and len(offsets) > 10
+    for bad in ({"place_offset_min_m": -0.01}, {"place_offset_min_m": 0.03, "place_offset_max_m": 0.02}):
+        with pytest.raises(ValueError, match="place_offset_min_m"):
+            ExpertNoise(**bad)
+
+
 def test_the_final_frame_comes_after_the_home_move_and_keeps_the_outcome():
     with So101Scene(SceneConfig(image_size=64, max_steps=70, end_retreat_steps=6)) as scene:
         _, states = _run(scene, NoisyExpert(ExpertNoise()), 5)

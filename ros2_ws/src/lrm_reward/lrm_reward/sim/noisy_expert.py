@@ -42,8 +42,10 @@ class ExpertNoise:
     # The cube is put down this far at most from the target's centre (distance drawn per episode, uniform;
     # direction uniform). Past the task's 3 cm success radius the episode fails with the cube beside the
     # target; inside it succeeds off-centre, as a policy's successes often do, and a reward model that saw
-    # only the expert's centred placements called those failures (docs/adaptation.md).
+    # only the expert's centred placements called those failures (docs/adaptation.md). A minimum > 0 keeps
+    # the cube off the centre: with a maximum inside the radius, successes off-centre and nothing else.
     place_offset_max_m: float = 0.0
+    place_offset_min_m: float = 0.0
 
     def __post_init__(self) -> None:
         if self.action_sigma < 0 or not np.isfinite(self.action_sigma):
@@ -52,6 +54,11 @@ class ExpertNoise:
             raise ValueError("ExpertNoise.grasp_offset_sigma_m must be a finite value >= 0")
         if self.place_offset_max_m < 0 or not np.isfinite(self.place_offset_max_m):
             raise ValueError("ExpertNoise.place_offset_max_m must be a finite value >= 0")
+        if not 0 <= self.place_offset_min_m <= self.place_offset_max_m:
+            raise ValueError(
+                "ExpertNoise.place_offset_min_m must be >= 0 and <= place_offset_max_m, got "
+                f"{self.place_offset_min_m} (max {self.place_offset_max_m})"
+            )
         if self.fail_mode not in FAIL_MODES:
             raise ValueError(f"ExpertNoise.fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
 
@@ -86,7 +93,7 @@ class NoisyExpert:
             self.stall_offset = np.array([radius * np.cos(angle), radius * np.sin(angle), height])
         if self.noise.place_offset_max_m > 0:  # drawn last and only then: the other draws stay as they were
             angle = self._rng.uniform(0.0, 2 * np.pi)
-            radius = self._rng.uniform(0.0, self.noise.place_offset_max_m)
+            radius = self._rng.uniform(self.noise.place_offset_min_m, self.noise.place_offset_max_m)
             self.place_offset = np.array([radius * np.cos(angle), radius * np.sin(angle), 0.0])
         self._table_z = None
 
