@@ -105,7 +105,7 @@ def test_the_place_offset_puts_the_cube_down_off_centre_and_decides_the_outcome(
 
 
 def test_a_minimum_place_offset_keeps_the_cube_off_centre_and_inside_the_radius(scene):
-    # The band the demo's labelled data uses for successes that end off-centre.
+    # The band tried in the demo's labelled data for successes that end off-centre (docs/adaptation.md).
     for seed in range(3):
         expert = NoisyExpert(ExpertNoise(seed=seed, place_offset_min_m=0.015, place_offset_max_m=0.025))
         _, states = _run(scene, expert, seed)
