@@ -54,8 +54,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="*",
         default=None,
-        help="reward models to compare: .cache/demo_reward/<key> folders or adapter folders "
-        "(default: the run's own)",
+        help="reward models to compare: .cache/demo_reward/<key> folders or adapter folders; a folder "
+        "holding base/ next to adapters/ is judged on that base (default: the run's own)",
     )
     p.add_argument("--threshold", type=float, default=None, help="P(done) threshold (default: the run's)")
     p.add_argument(
@@ -84,7 +84,10 @@ def reward_models(run: DemoRun, given: list[Path] | None) -> list[tuple[str, dic
                 f"{path}: no {' / '.join(missing)} adapter (give a reward cache or adapter folder)"
             )
         label = path.name if path.name != "adapters" else path.parent.name
-        out.append((label, {"base": run.reward["base"], "adapters": str(adapters)}))
+        # A reward folder may bring its own base (e.g. one whose processor sizes frames differently).
+        own_base = adapters.parent / "base"
+        base = str(own_base) if (own_base / "config.json").is_file() else run.reward["base"]
+        out.append((label, {"base": base, "adapters": str(adapters)}))
     return out
 
 
