@@ -53,6 +53,8 @@ REWARD_CODE = (
     "sim/so101_scene.py",
     "sim/noisy_expert.py",
     "refinement/recorder.py",
+    "refinement/recorder_config.py",
+    "refinement/resampling.py",
     "refinement/episode_saver.py",
     "adaptation/samples.py",
     "adaptation/train.py",

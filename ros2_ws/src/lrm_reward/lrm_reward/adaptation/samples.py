@@ -37,10 +37,10 @@ import numpy as np
 
 from lrm_reward.core import prompts
 from lrm_reward.core.types import Modality, Query
+from lrm_reward.refinement.recorder_config import SIDECAR_DIR  # the recorder's per-episode metadata
 
 log = logging.getLogger(__name__)
 
-SIDECAR_DIR = "recording"  # the recorder's per-episode metadata folder (lrm_reward.refinement.recorder)
 SUCCESS_FEATURES = ("next.success", "success")
 PROGRESS_GRID = tuple(sorted(prompts.PROGRESS_ANSWERS.values()))  # 0.0, 0.1, ..., 1.0
 END_TOKEN = "<|im_end|>"

@@ -59,13 +59,8 @@ from lrm_reward.bags.mapping import (
     resolve_mapping,
 )
 from lrm_reward.durable_files import write_json_atomic
-from lrm_reward.refinement.recorder import (
-    SIDECAR_DIR,
-    EpisodeOutcome,
-    EpisodeRecorder,
-    RecorderConfig,
-    SaveStatus,
-)
+from lrm_reward.refinement.recorder import EpisodeOutcome, EpisodeRecorder, RecorderConfig, SaveStatus
+from lrm_reward.refinement.recorder_config import SIDECAR_DIR
 from lrm_reward.ros.image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
 
 log = logging.getLogger(__name__)

@@ -34,14 +34,13 @@ import numpy as np
 
 from lrm_reward.durable_files import write_json_atomic
 from lrm_reward.refinement.dataset_journal import DatasetJournal
+from lrm_reward.refinement.feature_topics import IMAGE_KEY_PREFIX
+from lrm_reward.refinement.recorder_config import REPO_PREFIX, SIDECAR_DIR
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 ARRAYS_FILE = "job.npz"
-SIDECAR_DIR = "recording"
-IMAGE_KEY_PREFIX = "observation.images."
-REWARD_KEYS = ("reward.progress", "reward.completion", "reward.fused")
 _LOW_DISK_BYTES = 16 * 1024 * 1024
 _ENCODER_QUEUE = 32  # frames buffered per camera for the streaming encoder
 
@@ -176,7 +175,7 @@ def _append(job: SaveJob) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = job.dataset_root
-    repo_id = f"lrm/{root.name}"
+    repo_id = f"{REPO_PREFIX}/{root.name}"
     encoder = _video_encoder(job)
     streaming = bool(job.use_videos and job.streaming_encoding)
     journal = DatasetJournal(root)

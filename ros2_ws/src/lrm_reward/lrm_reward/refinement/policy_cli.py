@@ -38,7 +38,7 @@ from lrm_reward.refinement.policy_store import (
     PolicyVersion,
     StoreBusyError,
 )
-from lrm_reward.refinement.recorder import SIDECAR_DIR
+from lrm_reward.refinement.recorder_config import SIDECAR_DIR
 
 PROMOTIONS = "promotions.jsonl"
 
