@@ -202,9 +202,9 @@ def test_load_errors_are_one_line():
 
 
 def test_lrm_judge_prints_one_line_and_fails(tiny_lrm, tmp_path, capsys):
-    from lrm_reward.refinement import judge
+    from lrm_reward.refinement import judge_cli
 
-    status = judge.main([str(tmp_path / "dataset"), "--model", str(tmp_path / "no_model"), "--quiet"])
+    status = judge_cli.main([str(tmp_path / "dataset"), "--model", str(tmp_path / "no_model"), "--quiet"])
     err = capsys.readouterr().err
     assert status == 1
     assert "Traceback" not in err

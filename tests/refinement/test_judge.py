@@ -136,7 +136,7 @@ def test_parse_adapters(tmp_path):
 
 def test_tiny_reward_model_judges_through_the_cli(dataset, tiny_lrm, capsys):
     """End to end with a real (tiny) Qwen3-VL + LRM adapters: lrm-judge writes a judgment per episode."""
-    from lrm_reward.refinement.judge import main
+    from lrm_reward.refinement.judge_cli import main
 
     adapters = ",".join(f"{name}={path}" for name, path in tiny_lrm.adapters.items() if name != "contrastive")
     argv = [str(dataset), "--model", str(tiny_lrm.base), "--adapters", adapters, "--every-k", "10", "--quiet"]

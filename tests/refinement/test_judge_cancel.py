@@ -13,11 +13,11 @@ from lrm_reward.refinement.judge import (
     JUDGMENTS_DIR,
     JudgeCanceledError,
     JudgeConfig,
-    build_arg_parser,
     judge_dataset,
     judgment_path,
     load_judgments,
 )
+from lrm_reward.refinement.judge_cli import build_arg_parser
 
 # 20 frames per episode, every_k 5 -> 5 progress + 3 completion queries; 2 per call -> 4 calls per episode
 CFG = JudgeConfig(completion_last_n=3, curve_every_k=5, max_queries_per_call=2)

@@ -274,7 +274,7 @@ def test_judge_action_refuses_cancels_cleanly_resumes_and_shares_the_engine(judg
     assert values["episodes judged"] == "3" and "last error" not in values
 
     # lrm-judge --via-node: the CLI loads no model, the node judges
-    argv = [sys.executable, "-m", "lrm_reward.refinement.judge", str(dataset), "--via-node", NODE]
+    argv = [sys.executable, "-m", "lrm_reward.refinement.judge_cli", str(dataset), "--via-node", NODE]
     cli = subprocess.run(
         [*argv, "--episodes", "2", "--force", "--every-k", "5", "--quiet"],
         capture_output=True,

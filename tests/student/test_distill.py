@@ -140,7 +140,7 @@ def test_seeded_split_is_stratified_by_verdict():
 def test_tiny_reward_model_as_teacher(night, tiny_lrm, tmp_path, capsys):
     """The real (tiny) Qwen3-VL + LRM adapters judge the night; the student distills their answers."""
     from lrm_reward.refinement.judge import load_judgments
-    from lrm_reward.refinement.judge import main as judge
+    from lrm_reward.refinement.judge_cli import main as judge
 
     adapters = ",".join(f"{name}={path}" for name, path in tiny_lrm.adapters.items() if name != "contrastive")
     argv = [str(night), "--model", str(tiny_lrm.base), "--adapters", adapters, "--every-k", "4", "--force"]

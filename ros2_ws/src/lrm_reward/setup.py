@@ -39,7 +39,7 @@ setup(
             "refinement_node = lrm_reward.ros.refinement_node:main",
             "sim_robot_node = lrm_reward.ros.sim_robot_node:main",
             "policy_node = lrm_reward.ros.policy_node:main",
-            "lrm-judge = lrm_reward.refinement.judge:main",
+            "lrm-judge = lrm_reward.refinement.judge_cli:main",
             "lrm-refine = lrm_reward.refinement.refine:main",
             "lrm-policy = lrm_reward.refinement.policy_cli:main",
             "lrm-train-reward = lrm_reward.adaptation.train:main",

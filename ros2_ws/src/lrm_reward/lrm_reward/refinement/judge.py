@@ -20,31 +20,29 @@ judged episodes are skipped unless force=True. A per-dataset file lock keeps two
 can watch (`on_progress`, after every model call) and stop a run between model calls (`should_stop`):
 the episode under way is then dropped, never half written (JudgeCanceledError says what was finished).
 
-Which model: `lrm-judge --model ...` loads its own copy; `lrm-judge --via-node /reward_node` loads none
-and sends the work to the running reward node's `~/judge_episodes` action, which judges with the model
-it already holds (one copy of the 8B per GPU for day and night; docs/refinement.md). The client for
-that lives in lrm_reward.ros.judge_action and is imported only with --via-node.
+Which model: `lrm-judge --model ...` (judge_cli.py) loads its own copy; `lrm-judge --via-node
+/reward_node` loads none and sends the work to the running reward node's `~/judge_episodes` action, which
+judges with the model it already holds (one copy of the 8B per GPU for day and night;
+docs/refinement.md). The client for that lives in lrm_reward.ros.judge_action and is imported only with
+--via-node.
 
 What it is not: no model code (the engine comes from lrm_reward.core.engine), no ROS in the judging itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lrm_reward.core.backend_arguments import add_backend_arguments, backend_settings
 from lrm_reward.core.types import Answer, Modality, Query
 from lrm_reward.durable_files import try_exclusive_lock, write_json_atomic
-from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
+from lrm_reward.refinement.data_root import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +474,6 @@ def _read_sidecar(root: Path, episode_index: int) -> dict:
         return {}
 
 
-# ---------------------------------------------------------------------------- CLI
 def parse_adapters(spec: str | None) -> dict[str, str] | None:
     """ "progress=/a,completion=/b" or one folder holding progress/ completion/ contrastive/ subfolders."""
     if not spec:
@@ -495,173 +492,3 @@ def parse_adapters(spec: str | None) -> dict[str, str] | None:
             raise ValueError(f"unknown adapter {name!r}; expected one of {[m.value for m in Modality]}")
         out[name] = path.strip()
     return out
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lrm-judge", description="Judge recorded episodes with the reward model."
-    )
-    p.add_argument("dataset", nargs="+", help="dataset folder(s) written by the refinement node")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="load this base model (folder or Hub id, Qwen3-VL) in this process")
-    which.add_argument(
-        "--via-node",
-        metavar="NODE",
-        help="load no model: judge through the running reward node's judge action (e.g. /reward_node, or "
-        "the action's full name); datasets must be inside that node's judge.data_root",
-    )
-    p.add_argument(
-        "--server-timeout", type=float, default=30.0, help="[s] --via-node: wait this long for the node"
-    )
-    p.add_argument("--adapters", default=None, help="'progress=DIR,completion=DIR' or a folder of adapters")
-    p.add_argument(
-        "--processor", default=None, help="processor folder (default: the base, else an adapter folder)"
-    )
-    p.add_argument("--device", default="cpu", help="--model: torch device")
-    p.add_argument("--dtype", default="auto", help="--model: weights dtype")
-    p.add_argument("--readout", default="logits", choices=["logits", "generate"], help="--model: readout")
-    p.add_argument("--episodes", default=None, help="comma-separated episode indices (default: all)")
-    p.add_argument("--force", action="store_true", help="judge again even if a judgment exists")
-    p.add_argument("--last-n", type=int, default=JudgeConfig.completion_last_n)
-    p.add_argument("--every-k", type=int, default=JudgeConfig.curve_every_k)
-    p.add_argument("--success-threshold", type=float, default=JudgeConfig.success_threshold)
-    p.add_argument("--progress-threshold", type=float, default=None)
-    p.add_argument(
-        "--progress-success-threshold",
-        type=float,
-        default=None,
-        help="final progress at or above this is a success even when completion falls short (default: off)",
-    )
-    p.add_argument("--camera", default=None, help="camera name (default: the first)")
-    p.add_argument("--skip-partial", action="store_true")
-    p.add_argument("--data-root", default=None, help="refuse datasets outside this folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_backend_arguments(p)  # --backend vllm --server URL: a shared vLLM server answers (docs/vllm.md)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = JudgeConfig(
-            completion_last_n=args.last_n,
-            curve_every_k=args.every_k,
-            success_threshold=args.success_threshold,
-            progress_threshold=args.progress_threshold,
-            progress_success_threshold=args.progress_success_threshold,
-            camera=args.camera,
-            skip_partial=args.skip_partial,
-        )
-        adapters = parse_adapters(args.adapters)
-        episodes = [int(x) for x in args.episodes.split(",")] if args.episodes else None
-    except ValueError as exc:
-        print(f"lrm-judge: {exc}", file=sys.stderr)
-        return 2
-    if args.via_node:
-        return _main_via_node(args, cfg, episodes)
-    from lrm_reward.core.engine import EngineConfig, make_engine
-    from lrm_reward.core.loading import ModelLoadError
-    from lrm_reward.core.types import Readout
-
-    try:
-        engine = make_engine(
-            EngineConfig(
-                base_model=args.model,
-                adapters=adapters,
-                device=args.device,
-                dtype=args.dtype,
-                readout=Readout(args.readout),
-                processor=args.processor,
-                **backend_settings(args),
-            )
-        )
-    except (ModelLoadError, ValueError) as exc:  # one line, not a traceback: the message names the fix
-        print(f"lrm-judge: cannot load the reward model: {exc}", file=sys.stderr)
-        return 1
-    status = 0
-    try:
-        for ds in args.dataset:
-            try:
-                res = judge_dataset(
-                    ds,
-                    engine,
-                    cfg,
-                    episodes=episodes,
-                    force=args.force,
-                    progress_bar=not args.quiet,
-                    data_root=args.data_root,
-                )
-            except (
-                OutsideDataRootError,
-                DatasetNotFoundError,
-                IndexError,
-                JudgeBusyError,
-                ValueError,
-            ) as exc:
-                print(f"lrm-judge: {ds}: {exc}", file=sys.stderr)
-                status = 1
-                continue
-            ok = sum(j.success for j in res.judged)
-            print(
-                f"{res.dataset}: judged {len(res.judged)} (successes {ok}), "
-                f"skipped {len(res.skipped)} already judged"
-            )
-            try:
-                print(f"{res.dataset}: {calibrate_against_operator(res.dataset, cfg)}")
-            except Exception as exc:  # the judgments are written; a failed plot must not fail the night
-                print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
-    finally:
-        engine.close()
-    return status
-
-
-def _main_via_node(args: argparse.Namespace, cfg: JudgeConfig, episodes: list[int] | None) -> int:
-    """lrm-judge --via-node: every dataset judged by the reward node's loaded model, one goal each."""
-    from lrm_reward.ros.judge_action import R, judge_via_node  # rclpy: only here
-
-    datasets = []
-    status = 0
-    for ds in args.dataset:
-        try:  # refuse here what the local check refuses, before bothering the node
-            datasets.append(str(resolve_inside(args.data_root, ds) if args.data_root else Path(ds).resolve()))
-        except OutsideDataRootError as exc:
-            print(f"lrm-judge: {ds}: {exc}", file=sys.stderr)
-            status = 1
-
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(line, flush=True)
-
-    try:
-        outcomes = judge_via_node(
-            args.via_node, datasets, cfg, episodes, args.force, args.server_timeout, say
-        )
-    except KeyboardInterrupt:
-        print("lrm-judge: interrupted; the episodes judged so far are stored", file=sys.stderr)
-        return 130
-    for ds, _status, result, error in outcomes:
-        if result is None:
-            print(f"lrm-judge: {ds}: {error}", file=sys.stderr)
-            status = 1
-            continue
-        if result.result != R.RESULT_OK:
-            print(f"lrm-judge: {ds}: {args.via_node}: {result.message}", file=sys.stderr)
-            status = 1
-            continue
-        ok = sum(1 for j in result.judgments if j.success)
-        print(
-            f"{result.dataset}: judged {result.judged} by {args.via_node} (successes {ok} of "
-            f"{len(result.judgments)} stored), skipped {result.reused} already judged"
-        )
-        try:
-            print(f"{result.dataset}: {calibrate_against_operator(Path(result.dataset), cfg)}")
-        except Exception as exc:  # the judgments are written; a failed plot must not fail the night
-            print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
-    if len(outcomes) < len(datasets):
-        status = 1  # the server went missing: the remaining datasets were not tried
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 What it is for: the refinement node's `~/run_nightly` service (and anything else that wants to start the
 nightly loop on demand). The commands are the same entry points as the `lrm-judge` and `lrm-refine`
-console scripts, run with this Python (`python -m lrm_reward.refinement.judge ...`), so they work
+console scripts, run with this Python (`python -m lrm_reward.refinement.judge_cli ...`), so they work
 whether or not the console scripts are on PATH. They run one after the other (refine only when judge
 exited 0) in their own session, so a Ctrl-C to the node does not kill a training run; all output goes
 to one log file.
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-JUDGE_MODULE = "lrm_reward.refinement.judge"
+JUDGE_MODULE = "lrm_reward.refinement.judge_cli"
 POLICY_MODULE = "lrm_reward.refinement.policy_cli"
 REFINE_MODULE = "lrm_reward.refinement.refine"
 
