@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         kept[label if len(rules) == 1 else f"{label}, progress alone {rule}"] = {
+            "base": model["base"],
             "adapters": model["adapters"],
             "progress_success": rule,
             **{k: v for k, v in res.items() if k != "rows"},

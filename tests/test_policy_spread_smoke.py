@@ -97,6 +97,7 @@ def fake_demo_run(tmp_path_factory, tiny_lrm):
     from spread.rollouts import record_rollouts
 
     from lrm_reward.refinement import judge as J
+    from lrm_reward.refinement import judge_cli
     from lrm_reward.refinement.refine import RefineConfig, refine
 
     out = tmp_path_factory.mktemp("demo_run")
@@ -117,7 +118,7 @@ def fake_demo_run(tmp_path_factory, tiny_lrm):
     adapters = tiny_lrm.base.parent
     spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
     argv = [str(rollout), "--model", str(tiny_lrm.base), "--adapters", spec, "--every-k", "5", "--quiet"]
-    assert J.main([*argv, "--success-threshold", "0.25"]) == 0
+    assert judge_cli.main([*argv, "--success-threshold", "0.25"]) == 0
     judged = J.load_judgments(rollout)
     settings = {
         "max_steps": MAX_STEPS, "image_size": IMAGE_SIZE, "camera_view": "workspace", "judge_threshold": 0.25,

@@ -18,6 +18,7 @@ JUDGE_LAST_N = 1
 
 def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     from lrm_reward.refinement import judge as J
+    from lrm_reward.refinement import judge_cli
 
     adapters = Path(reward_model["adapters"])
     spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
@@ -28,7 +29,7 @@ def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     progress_success = getattr(s, "judge_progress_success", None)
     if progress_success is not None:
         argv += ["--progress-success-threshold", str(progress_success)]
-    code = J.main(argv)
+    code = judge_cli.main(argv)
     if code != 0:
         raise DemoError(f"lrm-judge failed (exit {code})")
     judgments = J.load_judgments(Path(roll["dataset"]))

@@ -100,26 +100,28 @@ def launch(tmp_path: Path):
         handle.leftovers()
 
 
-def ros2_on_node(*args: str, timeout: float = 120.0) -> str:
-    """`ros2 ARGS` against a node, tried again while the CLI's fresh participant has not discovered the node
-    yet ("Node not found"): on 2 cores busy with the whole suite one 5 s spin is sometimes not enough, and
-    discovery time is not what these tests check. Any other failure fails at once."""
+def ros2_on_node(run: Launch, *args: str, timeout: float = 120.0) -> str:
+    """`ros2 ARGS` against a node of RUN, tried again while the CLI's fresh participant has not discovered the
+    node or its services yet ("Node not found", or `param dump`'s "Wait for service timed out", which exits 0
+    with nothing on stdout): on 2 cores busy with the whole suite one 5 s spin is sometimes not enough, and
+    discovery time is not what these tests check. Any other failure, or the launch ending, fails at once."""
     deadline = time.monotonic() + timeout
     while True:
         result = subprocess.run(["ros2", *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-        if result.returncode == 0:
+        if result.returncode == 0 and result.stdout.strip():
             return result.stdout
         said = (result.stderr + result.stdout).lower()
-        not_found = "not found" in said or "unable to find node" in said
-        assert not_found and time.monotonic() < deadline, (
-            f"ros2 {' '.join(args)}: rc {result.returncode}\n{result.stderr}"
-        )
+        undiscovered = any(s in said for s in ("not found", "unable to find node", "timed out"))
+        failure = f"ros2 {' '.join(args)}: rc {result.returncode}\n{result.stderr}"
+        assert run.proc.poll() is None, f"{failure}\nthe launch ended:\n{run.output()[-4000:]}"
+        assert undiscovered and time.monotonic() < deadline, failure
         time.sleep(1.0)
 
 
-def parameters(node: str) -> dict[str, object]:
+def parameters(run: Launch, node: str) -> dict[str, object]:
     """Every parameter of NODE by its dotted name, typed, from one `ros2 param dump`."""
-    dumped = yaml.safe_load(ros2_on_node("param", "dump", *SPIN, node))
+    dumped = yaml.safe_load(ros2_on_node(run, "param", "dump", *SPIN, node))
+    assert isinstance(dumped, dict) and node in dumped, dumped
     flat: dict[str, object] = {}
 
     def walk(prefix: str, value: object) -> None:
@@ -157,8 +159,8 @@ def test_every_argument_reaches_the_node_and_autostart_false_leaves_it_unconfigu
     )
     run.wait_for("process started", timeout=30)
     node = "/robot1/reward_node"
-    values = parameters(node)
-    state = ros2_on_node("lifecycle", "get", *SPIN, node)
+    values = parameters(run, node)
+    state = ros2_on_node(run, "lifecycle", "get", *SPIN, node)
     assert state.startswith("unconfigured"), state
     expected = {
         "autostart": False,
@@ -203,10 +205,10 @@ def test_tiny_model_comes_up_active_with_one_remap_per_camera(launch, tiny_lrm, 
     )
     run.wait_for("]: active: scoring", timeout=90)  # the node's log line once activated
     # Not given on the command line: the params file's values stand.
-    values = parameters("/reward_node")
+    values = parameters(run, "/reward_node")
     assert (values["interval_frames"], values["task"]) == (3, "t")
-    assert ros2_on_node("lifecycle", "get", *SPIN, "/reward_node").startswith("active")
-    info = ros2_on_node("node", "info", *SPIN, "/reward_node")
+    assert ros2_on_node(run, "lifecycle", "get", *SPIN, "/reward_node").startswith("active")
+    info = ros2_on_node(run, "node", "info", *SPIN, "/reward_node")
     subscribers = info.split("Subscribers:", 1)[1].split("Publishers:", 1)[0]
     for camera in ("/cam_a/image_raw", "/cam_b/image_raw", "/cam_c/image_raw"):
         assert camera in subscribers, info
