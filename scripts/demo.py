@@ -87,7 +87,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--camera-view",
         default="workspace",
-        choices=["workspace", "workspace_low", "front"],
+        choices=["workspace", "workspace_close", "workspace_low", "front"],
         help="what the camera shows (workspace: the table from above; workspace_low: closer and lower, so "
         "height shows; front: the environment's far camera)",
     )

@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{res.dataset}: judged {len(res.judged)} (successes {ok}), "
                 f"skipped {len(res.skipped)} already judged"
             )
-            try:
-                print(f"{res.dataset}: {calibrate_against_operator(res.dataset, cfg)}")
-            except Exception as exc:  # the judgments are written; a failed plot must not fail the night
-                print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
+            _print_calibration(ds, Path(res.dataset), cfg)
     finally:
         engine.close()
     return status
@@ -180,13 +177,18 @@ def _main_via_node(args: argparse.Namespace, cfg: JudgeConfig, episodes: list[in
             f"{result.dataset}: judged {result.judged} by {args.via_node} (successes {ok} of "
             f"{len(result.judgments)} stored), skipped {result.reused} already judged"
         )
-        try:
-            print(f"{result.dataset}: {calibrate_against_operator(Path(result.dataset), cfg)}")
-        except Exception as exc:  # the judgments are written; a failed plot must not fail the night
-            print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
+        _print_calibration(ds, Path(result.dataset), cfg)
     if len(outcomes) < len(datasets):
         status = 1  # the server went missing: the remaining datasets were not tried
     return status
+
+
+def _print_calibration(ds, dataset: Path, cfg: JudgeConfig) -> None:
+    """Where the operator labelled episodes, how the judge compares; never fails the night."""
+    try:
+        print(f"{dataset}: {calibrate_against_operator(dataset, cfg)}")
+    except Exception as exc:  # the judgments are written; a failed plot must not fail the night
+        print(f"lrm-judge: {ds}: comparing with operator labels failed: {exc!r}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -69,13 +69,16 @@ _default_gl_at_import()
 # (x 0.15-0.30 m, y +-0.10 m) from the robot's far side, so at 96 px the cube covers ~10 px and the target
 # ~12 px: what a vision reward model needs to tell "on the target" from "next to it". "workspace_low" is
 # closer (40 cm) and lower (35 deg): the cube ~12 px, and a cube held above the target shows a gap under
-# it instead of sitting on the disc in the image. Free cameras of the renderer, so the physics model is
-# untouched. Values: lookat (x, y, z) [m], distance [m], azimuth and
-# elevation [deg].
+# it instead of sitting on the disc in the image. "workspace_close" is the workspace view 23 % closer,
+# centred on the floor: cube (~22 px at 128 px) and target twice as wide as in "workspace", so a cube
+# 2-3 cm off the target's centre shows how much of it is over the disc's edge; the arm's start pose covers
+# the top third. Free cameras of the renderer, so the physics model is untouched. Values: lookat (x, y, z)
+# [m], distance [m], azimuth and elevation [deg].
 CAMERA_VIEWS = {
     "front": None,
     "workspace": ((0.23, 0.0, 0.05), 0.48, 180.0, -58.0),
     "workspace_low": ((0.23, 0.0, 0.04), 0.40, 180.0, -35.0),
+    "workspace_close": ((0.225, 0.0, 0.02), 0.37, 180.0, -62.0),
 }
 
 
