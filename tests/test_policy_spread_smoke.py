@@ -80,7 +80,7 @@ def test_the_product_default_is_lrm_refines_cli_default():
     from spread.arms import SELECTION_ARMS
     from spread.demo_run import product_default_selection
 
-    from lrm_reward.refinement.refine import build_arg_parser
+    from lrm_reward.refinement.refine_cli import build_arg_parser
 
     assert (
         product_default_selection()

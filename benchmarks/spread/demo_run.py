@@ -172,6 +172,6 @@ def refine_base(
 
 def product_default_selection() -> str:
     """What `lrm-refine` trains on when not told: its CLI default (read from the parser, not assumed)."""
-    from lrm_reward.refinement.refine import build_arg_parser
+    from lrm_reward.refinement.refine_cli import build_arg_parser
 
     return build_arg_parser().get_default("selection")

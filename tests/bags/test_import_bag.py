@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from bag_factory import MARKER_TOPIC, BagSpec, EpisodeSpec, feed_live, level_at, truncate, write_bag
 
+from lrm_reward.bags.import_cli import main
 from lrm_reward.bags.importer import (
     EXIT_NOTHING,
     EXIT_OK,
@@ -18,7 +19,6 @@ from lrm_reward.bags.importer import (
     ImportConfig,
     ImportRefused,
     import_bags,
-    main,
 )
 from lrm_reward.bags.mapping import MappingSpec, TopicSpec
 from lrm_reward.refinement.recorder import EpisodeRecorder, RecorderConfig, SaveStatus, plan_resampling

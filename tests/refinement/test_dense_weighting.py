@@ -28,7 +28,8 @@ from lrm_reward.refinement.dense_weights import (
 )
 from lrm_reward.refinement.judge import judge_dataset
 from lrm_reward.refinement.recorder import EpisodeRecorder, RecorderConfig, SaveStatus
-from lrm_reward.refinement.refine import NothingToTrainError, RefineConfig, main, refine
+from lrm_reward.refinement.refine import NothingToTrainError, RefineConfig, refine
+from lrm_reward.refinement.refine_cli import main
 from lrm_reward.refinement.selection import select_episodes
 
 LEROBOT_TRAIN = Path(sys.executable).parent / "lerobot-train"

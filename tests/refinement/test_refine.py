@@ -205,7 +205,7 @@ def test_killed_run_leaves_no_half_version(store, recorded):
 
 
 def test_import_an_existing_lerobot_checkpoint_through_the_cli(store, tmp_path, capsys):
-    from lrm_reward.refinement.refine import main
+    from lrm_reward.refinement.refine_cli import main
 
     source = PolicyStore(store, "act_pick").current().path
     new_store = tmp_path / "other_store"
@@ -250,7 +250,7 @@ def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
 
 
 def test_schedule_reaches_training_and_metadata_and_bad_values_are_refused(store, recorded, capsys):
-    from lrm_reward.refinement.refine import main
+    from lrm_reward.refinement.refine_cli import main
 
     cosine = refine(refine_cfg(store, recorded, steps=4, lr=1e-3, lr_schedule="cosine", report=False))
     meta = cosine.version.metadata()

@@ -14,7 +14,8 @@ import pytest
 
 from lrm_reward.refinement.policy_store import PolicyStore, load_policy
 from lrm_reward.refinement.recorder import EpisodeRecorder, RecorderConfig, SaveStatus
-from lrm_reward.refinement.refine import RefineConfig, main, refine
+from lrm_reward.refinement.refine import RefineConfig, refine
+from lrm_reward.refinement.refine_cli import main
 
 STATE_ONLY = ("observation.state", "observation.environment_state")
 TINY_ACT = {

@@ -29,7 +29,7 @@ from pathlib import Path
 
 JUDGE_MODULE = "lrm_reward.refinement.judge_cli"
 POLICY_MODULE = "lrm_reward.refinement.policy_cli"
-REFINE_MODULE = "lrm_reward.refinement.refine"
+REFINE_MODULE = "lrm_reward.refinement.refine_cli"
 
 
 @dataclass
