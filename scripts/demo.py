@@ -88,8 +88,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--camera-view",
         default="workspace",
         choices=["workspace", "workspace_close", "workspace_low", "front"],
-        help="what the camera shows (workspace: the table from above; workspace_close: the same, 23%% closer; "
-        "workspace_low: closer and lower, so height shows; front: the environment's far camera)",
+        help="what the camera shows (workspace: the table from above; workspace_close: the same, 23%% "
+        "closer; workspace_low: closer and lower, so height shows; front: the environment's far camera)",
     )
     p.add_argument(
         "--judge-threshold",

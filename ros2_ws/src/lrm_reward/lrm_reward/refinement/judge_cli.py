@@ -183,7 +183,7 @@ def _main_via_node(args: argparse.Namespace, cfg: JudgeConfig, episodes: list[in
     return status
 
 
-def _print_calibration(ds, dataset: Path, cfg: JudgeConfig) -> None:
+def _print_calibration(ds: str, dataset: Path, cfg: JudgeConfig) -> None:
     """Where the operator labelled episodes, how the judge compares; never fails the night."""
     try:
         print(f"{dataset}: {calibrate_against_operator(dataset, cfg)}")

@@ -70,10 +70,10 @@ _default_gl_at_import()
 # ~12 px: what a vision reward model needs to tell "on the target" from "next to it". "workspace_low" is
 # closer (40 cm) and lower (35 deg): the cube ~12 px, and a cube held above the target shows a gap under
 # it instead of sitting on the disc in the image. "workspace_close" is the workspace view 23 % closer,
-# centred on the floor: cube (~22 px at 128 px) and target twice as wide as in "workspace", so a cube
-# 2-3 cm off the target's centre shows how much of it is over the disc's edge; the arm's start pose covers
-# the top third. Free cameras of the renderer, so the physics model is untouched. Values: lookat (x, y, z)
-# [m], distance [m], azimuth and elevation [deg].
+# centred on the floor: cube and target ~1.3x as wide (at 128 px the disc ~24 px instead of ~18, the cube
+# ~20 px), while the arm's start pose covers a strip down the frame's centre. Free cameras of the renderer,
+# so the physics model is untouched. Values: lookat (x, y, z) [m], distance [m], azimuth and elevation
+# [deg].
 CAMERA_VIEWS = {
     "front": None,
     "workspace": ((0.23, 0.0, 0.05), 0.48, 180.0, -58.0),
