@@ -497,7 +497,11 @@ def judge_via_node(
                 out.append((ds, box[0][0], box[0][1], ""))
     finally:
         client.destroy()
-        executor.shutdown(timeout_sec=2.0)
+        # The spin thread must have left rclpy's C++ wait before the node and context go: a thread still in
+        # it at interpreter exit aborts the process ("terminate called without an active exception", exit
+        # -6), which failed a nightly's judge step on a busy 2-core machine after its work was done.
+        executor.shutdown(timeout_sec=10.0)
+        spinner.join(timeout=10.0)
         client_node.destroy_node()
         rclpy.try_shutdown(context=context)
     return out
