@@ -37,7 +37,7 @@ from lrm_demo.ros_rollout import rollout
 from lrm_demo.sim_episodes import collect_demos
 from tqdm import tqdm
 
-from lrm_reward.sim.so101_scene import SimRenderError
+from lrm_reward.sim.so101_scene import CAMERA_VIEWS, SimRenderError
 
 
 def stages(rounds: int) -> list[str]:
@@ -87,7 +87,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--camera-view",
         default="workspace",
-        choices=["workspace", "workspace_close", "workspace_low", "front"],
+        choices=list(CAMERA_VIEWS),  # the simulator's named views, as sim_robot_node offers them
         help="what the camera shows (workspace: the table from above; workspace_close: the same, 23%% "
         "closer; workspace_low: closer and lower, so height shows; front: the environment's far camera)",
     )
