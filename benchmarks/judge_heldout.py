@@ -13,6 +13,7 @@ where the cube ended up (distance of the cube's centre from the target's; the ta
     python benchmarks/judge_heldout.py --demo-out out/demo
     python benchmarks/judge_heldout.py --demo-out out/demo --reward-model .cache/demo_reward/<key> ...
     python benchmarks/judge_heldout.py --demo-out out/demo --progress-success 0 0.9 0.95 0.99
+    python benchmarks/judge_heldout.py --demo-out out/demo --reward-model <cache A> <cache B> --average
 
 The recording is kept (--work, default out/judge_heldout/<policy>_<first>_<n>) and reused by later runs
 with the same policy and layouts. Markdown tables on stdout, progress on stderr; --json keeps the rows.
@@ -57,6 +58,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="reward models to compare: .cache/demo_reward/<key> folders or adapter folders; a folder "
         "holding base/ next to adapters/ is judged on that base (default: the run's own)",
     )
+    p.add_argument(
+        "--average",
+        action="store_true",
+        help="one more row: the given reward models' answers averaged (lrm-judge --adapters given once per "
+        "model; they must share a base)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="P(done) threshold (default: the run's)")
     p.add_argument(
         "--progress-success",
@@ -89,6 +96,15 @@ def reward_models(run: DemoRun, given: list[Path] | None) -> list[tuple[str, dic
         base = str(own_base) if (own_base / "config.json").is_file() else run.reward["base"]
         out.append((label, {"base": base, "adapters": str(adapters)}))
     return out
+
+
+def averaged(models: list[tuple[str, dict]]) -> tuple[str, dict]:
+    """The reward models as one row whose answers lrm-judge averages; they must share one base."""
+    bases = {model["base"] for _, model in models}
+    if len(models) < 2 or len(bases) != 1:
+        raise SystemExit(f"--average needs two or more reward models on one base (got bases {sorted(bases)})")
+    label = "average of " + " + ".join(label for label, _ in models)
+    return label, {"base": bases.pop(), "adapters": [model["adapters"] for _, model in models]}
 
 
 def held_out_recording(run: DemoRun, args) -> tuple[Path, list[dict]]:
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     run = DemoRun(args.demo_out, needs=("demos", "reward", "policy"))
     models = reward_models(run, args.reward_model)
+    if args.average:
+        models.append(averaged(models))
     dataset, rows = held_out_recording(run, args)
     settings = SimpleNamespace(
         **{**run.settings_dict, "judge_threshold": args.threshold or run.settings.judge_threshold}

@@ -20,9 +20,11 @@ def judge(s: DemoSettings, reward_model: dict, roll: dict) -> dict:
     from lrm_reward.refinement import judge as J
     from lrm_reward.refinement import judge_cli
 
-    adapters = Path(reward_model["adapters"])
-    spec = ",".join(f"{m}={adapters / m}" for m in ("progress", "completion"))
-    argv = [roll["dataset"], "--model", reward_model["base"], "--adapters", spec, "--device", s.device]
+    # one adapters folder, or several on the same base whose answers lrm-judge averages
+    folders = reward_model["adapters"]
+    argv = [roll["dataset"], "--model", reward_model["base"], "--device", s.device]
+    for adapters in [folders] if isinstance(folders, str | Path) else folders:
+        argv += ["--adapters", ",".join(f"{m}={Path(adapters) / m}" for m in ("progress", "completion"))]
     argv += ["--every-k", "5", "--success-threshold", str(s.judge_threshold), "--force"]
     argv += ["--last-n", str(JUDGE_LAST_N)]
     # runs recorded before the setting existed judged by completion alone

@@ -163,3 +163,35 @@ def test_tiny_reward_model_judges_through_the_cli(dataset, tiny_lrm, capsys):
     assert main(argv) == 0
     assert "judged 1" in capsys.readouterr().out  # only episode 2 was left
     assert main([*argv, "--data-root", str(dataset.parent.parent / "nowhere")]) == 1
+
+
+def test_cli_averages_a_second_adapter_set_on_the_same_base(dataset, tiny_lrm, tmp_path, capsys):
+    """--adapters given twice: one base, each modality's answers averaged over the two sets."""
+    from lrm_reward.core import tiny_model
+    from lrm_reward.core.types import Modality
+    from lrm_reward.refinement.judge_cli import main
+
+    second = {
+        m.value: tiny_model.save_random_adapter(tiny_lrm.base, tmp_path / m.value, m, seed=700 + i, b_std=0.1)
+        for i, m in enumerate((Modality.PROGRESS, Modality.COMPLETION))
+    }
+    first_spec = ",".join(f"{m}={tiny_lrm.adapters[m]}" for m in ("progress", "completion"))
+    second_spec = ",".join(f"{m}={path}" for m, path in second.items())
+    argv = [str(dataset), "--model", str(tiny_lrm.base), "--every-k", "10", "--episodes", "0", "--force"]
+    argv += ["--quiet", "--last-n", "2"]
+
+    def judged(*specs: str):
+        assert main([*argv, *(a for s in specs for a in ("--adapters", s))]) == 0
+        return load_judgments(dataset)[0]
+
+    one, two, both = judged(first_spec), judged(second_spec), judged(first_spec, second_spec)
+    assert "completion#2=" in both.model_id and "progress#2=" in both.model_id
+    assert max(abs(a - b) for a, b in zip(one.progress_curve, two.progress_curve, strict=True)) > 0.01
+    for name in ("progress_curve", "completion_probs"):
+        mean = [(a + b) / 2 for a, b in zip(getattr(one, name), getattr(two, name), strict=True)]
+        assert getattr(both, name) == pytest.approx(mean, abs=1e-4)
+    capsys.readouterr()
+    # the node judges with its one loaded model: a second set is refused before anything is asked
+    two_sets = ["--adapters", first_spec, "--adapters", second_spec]
+    assert main([str(dataset), "--via-node", "/reward_node", *two_sets]) == 2
+    assert "--via-node" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import numpy as np
 
 from lrm_reward.core import prompts
 from lrm_reward.core.cuda_device import on_device, release_memory
-from lrm_reward.core.engine_config import EngineConfig
+from lrm_reward.core.engine_config import EngineConfig, adapter_modality
 from lrm_reward.core.types import Answer, Modality, Query, Readout
 
 if TYPE_CHECKING:
@@ -280,19 +280,20 @@ class LocalRewardEngine(RewardEngine):
     # --- internals ------------------------------------------------------------------------------------
 
     def _score(self, queries: list[Query]) -> list[Answer]:
-        answers: list[Answer | None] = [None] * len(queries)
+        answers: list[list[Answer]] = [[] for _ in queries]
         groups: dict[_Route, list[tuple[int, Query]]] = {}
         for index, query in enumerate(queries):
             try:
-                route = self._route(query)
+                routes = self._routes(query)
             except QueryError as exc:
-                answers[index] = _error_answer(query, f"bad query: {exc}")
+                answers[index].append(_error_answer(query, f"bad query: {exc}"))
                 continue
             # a copy with the modality as the enum and C-contiguous frames (flipped views are fine to pass)
             clean = dataclasses.replace(
-                query, modality=route.modality, images=[np.ascontiguousarray(image) for image in query.images]
+                query, modality=routes[0].modality, images=[np.ascontiguousarray(i) for i in query.images]
             )
-            groups.setdefault(route, []).append((index, clean))
+            for route in routes:
+                groups.setdefault(route, []).append((index, clean))
 
         # progress first, so the shared vision tower is switched as rarely as possible
         order = sorted(groups, key=lambda r: (r.adapter != "progress", str(r.adapter), r.generate))
@@ -301,10 +302,10 @@ class LocalRewardEngine(RewardEngine):
             for start in range(0, len(items), self.cfg.max_batch_size):
                 chunk = items[start : start + self.cfg.max_batch_size]
                 for (index, _), answer in zip(chunk, self._run_chunk(route, chunk), strict=True):
-                    answers[index] = answer
+                    answers[index].append(answer)
 
         done = [
-            a if a is not None else _error_answer(q, "not scored")
+            average_answers(a) if a else _error_answer(q, "not scored")
             for a, q in zip(answers, queries, strict=True)
         ]
         self.stats.queries += len(done)
@@ -312,23 +313,25 @@ class LocalRewardEngine(RewardEngine):
         self.stats.errors += sum(1 for a in done if a.error and a.value is None)
         return done
 
-    def _route(self, query: Query) -> _Route:
+    def _routes(self, query: Query) -> list[_Route]:
+        """The passes that answer this query: one per adapter serving its modality (averaged after)."""
         if self._loaded is None:
             raise QueryError("engine is closed")
         modality = check_query(query, self.cfg.max_task_chars, self.cfg.max_image_side)
-        adapter = None
+        adapters: list[str | None] = [None]
         if self._loaded.adapter_names:
-            if modality.value not in self._loaded.adapter_names:
+            adapters = [n for n in self._loaded.adapter_names if adapter_modality(n) == modality.value]
+            if not adapters:
                 raise QueryError(f"no {modality.value!r} adapter loaded (have {self._loaded.adapter_names})")
-            adapter = modality.value
         cot = modality is Modality.CONTRASTIVE and (query.chain_of_thought or self.cfg.chain_of_thought)
         if cot:  # reasoning only comes from decoding, whatever the readout
-            return _Route(adapter, modality, True, self.cfg.max_new_tokens[modality.value], False)
+            tokens = self.cfg.max_new_tokens[modality.value]
+            return [_Route(a, modality, True, tokens, False) for a in adapters]
         if self.cfg.readout is Readout.LOGITS:
-            return _Route(adapter, modality, False)
+            return [_Route(a, modality, False) for a in adapters]
         if modality is Modality.CONTRASTIVE:  # released prompt, reply started at its JSON answer
-            return _Route(adapter, modality, True, self.cfg.answer_max_new_tokens, True)
-        return _Route(adapter, modality, True, self.cfg.max_new_tokens[modality.value], False)
+            return [_Route(a, modality, True, self.cfg.answer_max_new_tokens, True) for a in adapters]
+        return [_Route(a, modality, True, self.cfg.max_new_tokens[modality.value], False) for a in adapters]
 
     def _run_chunk(self, route: _Route, items: list[tuple[int, Query]]) -> list[Answer]:
         import torch
@@ -449,6 +452,35 @@ _COMPILE_STAT_FIELDS = (
     "compile_unexpected_recompiles",
     "compile_warmup_s",
 )
+
+
+def average_answers(answers: list[Answer]) -> Answer:
+    """One query's answers from several adapters of its modality as one: the mean of the parsed values
+    (and of each answer's probability); unparsed only when none parsed. One answer is returned as it is."""
+    if len(answers) == 1:
+        return answers[0]
+    good = [a for a in answers if a.parsed and a.value is not None]
+    errors = "; ".join(sorted({a.error for a in answers if a.error}))
+    if not good:
+        return dataclasses.replace(answers[0], error=errors or answers[0].error)
+    probabilities = None
+    if all(a.probabilities for a in good):
+        keys = set().union(*(a.probabilities for a in good))
+        probabilities = {k: float(np.mean([a.probabilities.get(k, 0.0) for a in good])) for k in keys}
+    confidences = [a.confidence for a in good if a.confidence is not None]
+    confidence = float(np.mean(confidences)) if confidences else None
+    if probabilities:  # the averaged distribution's most likely answer, as a single answer's
+        confidence = max(probabilities.values())
+    return Answer(
+        modality=good[0].modality,
+        value=float(np.mean([a.value for a in good])),
+        parsed=True,
+        confidence=confidence,
+        probabilities=probabilities,
+        raw_text=" | ".join(a.raw_text for a in answers if a.raw_text),
+        latency_s=sum(a.latency_s for a in answers),
+        error=errors or None,
+    )
 
 
 def _error_answer(query: Query, error: str) -> Answer:

@@ -19,6 +19,25 @@ DEFAULT_MAX_NEW_TOKENS = {
 }
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+# "completion#2": a further adapter for that modality, on the same base; the engine asks every adapter of
+# a modality and averages their answers (an ensemble of reward models trained on different data).
+ENSEMBLE_MARK = "#"
+_ADAPTER_NAME_RE = re.compile(r"^([a-z]+)(#[2-9]|#[1-9]\d+)?$")
+
+
+def adapter_modality(name: str) -> str:
+    """The modality an adapter name serves: 'completion' and 'completion#2' -> 'completion'."""
+    return name.partition(ENSEMBLE_MARK)[0]
+
+
+def ensemble_names(adapter_sets: list[dict[str, str]]) -> dict[str, str]:
+    """Several {modality: folder} sets as one adapters dict: the first set's names as they are, the k-th
+    set's as 'modality#k' (answers averaged per modality)."""
+    out: dict[str, str] = {}
+    for k, adapters in enumerate(adapter_sets, start=1):
+        for name, spec in adapters.items():
+            out[name if k == 1 else f"{name}{ENSEMBLE_MARK}{k}"] = spec
+    return out
 
 
 @dataclass
@@ -86,8 +105,14 @@ class EngineConfig:
                 raise ValueError("adapters must be a non-empty dict of modality -> folder, or None")
             known = {m.value for m in Modality}
             for name, spec in self.adapters.items():
-                if name not in known:
-                    raise ValueError(f"adapter name {name!r} is not a modality ({sorted(known)})")
+                match = _ADAPTER_NAME_RE.match(str(name))
+                if match is None or match.group(1) not in known:
+                    raise ValueError(
+                        f"adapter name {name!r} is not a modality ({sorted(known)}), or one followed by "
+                        f"{ENSEMBLE_MARK}2, {ENSEMBLE_MARK}3, ... for a further adapter averaged with it"
+                    )
+                if match.group(2) and match.group(1) not in self.adapters:
+                    raise ValueError(f"adapter {name!r} averages with {match.group(1)!r}, which is not given")
                 if not isinstance(spec, str) or not spec.strip():
                     raise ValueError(f"adapter {name!r} needs a folder or Hub id")
         if not _DEVICE_RE.match(str(self.device)):
@@ -143,6 +168,11 @@ class EngineConfig:
             or not (1 <= self.server_concurrency <= 256)
         ):
             raise ValueError(f"server_concurrency must be an int in 1..256, got {self.server_concurrency!r}")
+        if self.backend == "vllm" and self.averaged:
+            raise ValueError(
+                "averaging several adapters per modality (names like 'completion#2') runs in-process only: "
+                "use backend 'local'"
+            )
         if self.server_url in (None, "", ()):
             self.server_url = None
             if self.backend == "vllm":
@@ -179,6 +209,11 @@ class EngineConfig:
         self.compile_warmup_image = image
         if not isinstance(self.compile_warmup_s, (int, float)) or not self.compile_warmup_s >= 0:
             raise ValueError(f"compile_warmup_s must be a number >= 0, got {self.compile_warmup_s!r}")
+
+    @property
+    def averaged(self) -> bool:
+        """Several adapters serve one modality (their answers are averaged)."""
+        return any(ENSEMBLE_MARK in name for name in self.adapters or {})
 
     def describe(self) -> str:
         """Human-readable id of base + adapters."""

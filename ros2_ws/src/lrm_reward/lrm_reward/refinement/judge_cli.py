@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lrm_reward.core.backend_arguments import add_backend_arguments, backend_settings
+from lrm_reward.core.engine_config import ensemble_names
 from lrm_reward.refinement.data_root import OutsideDataRootError, resolve_inside
 from lrm_reward.refinement.judge import (
     DatasetNotFoundError,
@@ -39,7 +40,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server-timeout", type=float, default=30.0, help="[s] --via-node: wait this long for the node"
     )
-    p.add_argument("--adapters", default=None, help="'progress=DIR,completion=DIR' or a folder of adapters")
+    p.add_argument(
+        "--adapters",
+        action="append",
+        default=None,
+        help="'progress=DIR,completion=DIR' or a folder of adapters; given again, a further set on the same "
+        "base whose answers are averaged with the first's (e.g. a model trained on operator labels of the "
+        "robot's own episodes beside one trained on demonstrations); --model only",
+    )
     p.add_argument(
         "--processor", default=None, help="processor folder (default: the base, else an adapter folder)"
     )
@@ -79,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             camera=args.camera,
             skip_partial=args.skip_partial,
         )
-        adapters = parse_adapters(args.adapters)
+        adapter_sets = [a for a in (parse_adapters(spec) for spec in args.adapters or []) if a]
+        if len(adapter_sets) > 1 and args.via_node:
+            raise ValueError(
+                "several --adapters are averaged by a model loaded here (--model), not --via-node"
+            )
+        adapters = ensemble_names(adapter_sets) if adapter_sets else None
         episodes = [int(x) for x in args.episodes.split(",")] if args.episodes else None
     except ValueError as exc:
         print(f"lrm-judge: {exc}", file=sys.stderr)
