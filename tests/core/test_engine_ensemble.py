@@ -70,18 +70,18 @@ def test_engine_names_the_averaged_adapters(tiny_lrm, second_set):
     assert not progress.parsed and "no 'progress' adapter" in progress.error
 
 
-def test_an_unparsed_member_leaves_the_others_mean_and_its_error():
+def test_a_failed_member_makes_the_average_unparsed():
     good = Answer(K, 0.8, True, 0.8, {"yes": 0.8, "no": 0.2})
     other = Answer(K, 0.4, True, 0.6, {"yes": 0.4, "no": 0.6})
-    bad = Answer(K, None, False, error="CUDA out of memory at batch size 1")
-    mean = average_answers([good, other, bad])
-    assert mean.parsed and mean.value == pytest.approx(0.6)
+    mean = average_answers([good, other])
+    assert mean.parsed and mean.value == pytest.approx(0.6) and mean.error is None
     assert mean.probabilities == pytest.approx({"yes": 0.6, "no": 0.4})
     assert mean.confidence == pytest.approx(0.6)
-    assert "out of memory" in mean.error
-    none = average_answers([bad, Answer(K, None, False, error="unparsed reply")])
-    assert not none.parsed and none.value is None
-    assert "out of memory" in none.error and "unparsed reply" in none.error
+    # one member's answer alone is not the ensemble's: no value, and the member's error says why
+    bad = Answer(K, None, False, error="CUDA out of memory at batch size 1")
+    partial = average_answers([good, other, bad])
+    assert not partial.parsed and partial.value is None
+    assert partial.error.startswith("1 of 3 averaged adapters failed") and "out of memory" in partial.error
     assert average_answers([good]) is good
 
 
@@ -92,6 +92,7 @@ def test_an_unparsed_member_leaves_the_others_mean_and_its_error():
         ({"completion": "a", "completion#1": "b"}, "not a modality"),
         ({"completion": "a", "completion#x": "b"}, "not a modality"),
         ({"reward": "a", "reward#2": "b"}, "not a modality"),
+        ({"completion": "a", "completion#2\n": "b"}, "not a modality"),
     ],
 )
 def test_bad_ensemble_names_are_refused(adapters, message):

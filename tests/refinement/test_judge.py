@@ -194,4 +194,7 @@ def test_cli_averages_a_second_adapter_set_on_the_same_base(dataset, tiny_lrm, t
     # the node judges with its one loaded model: a second set is refused before anything is asked
     two_sets = ["--adapters", first_spec, "--adapters", second_spec]
     assert main([str(dataset), "--via-node", "/reward_node", *two_sets]) == 2
-    assert "--via-node" in capsys.readouterr().err
+    assert "(--model) only" in capsys.readouterr().err
+    # sets of different modalities would leave one modality unaveraged: refused by name
+    assert main([*argv, "--adapters", first_spec, "--adapters", f"completion={second['completion']}"]) == 2
+    assert "set 2 has ['completion'], set 1 has ['completion', 'progress']" in capsys.readouterr().err

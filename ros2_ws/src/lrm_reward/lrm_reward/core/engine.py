@@ -455,31 +455,40 @@ _COMPILE_STAT_FIELDS = (
 
 
 def average_answers(answers: list[Answer]) -> Answer:
-    """One query's answers from several adapters of its modality as one: the mean of the parsed values
-    (and of each answer's probability); unparsed only when none parsed. One answer is returned as it is."""
+    """One query's answers from several adapters of its modality as one: the mean of their values and of
+    their probabilities. A mean with a member missing is not the ensemble's answer: when any member failed
+    the query is unparsed, with every member's error. One answer is returned as it is.
+
+    With the generate readout completion answers are 0 or 1, so two average to 0, 0.5 or 1."""
     if len(answers) == 1:
         return answers[0]
-    good = [a for a in answers if a.parsed and a.value is not None]
-    errors = "; ".join(sorted({a.error for a in answers if a.error}))
-    if not good:
-        return dataclasses.replace(answers[0], error=errors or answers[0].error)
+    failed = [a for a in answers if not a.parsed or a.value is None]
+    if failed:
+        errors = "; ".join(sorted({a.error or "unparsed" for a in failed}))
+        return Answer(
+            modality=answers[0].modality,
+            value=None,
+            parsed=False,
+            raw_text=" | ".join(a.raw_text for a in answers if a.raw_text),
+            latency_s=sum(a.latency_s for a in answers),
+            error=f"{len(failed)} of {len(answers)} averaged adapters failed: {errors}",
+        )
     probabilities = None
-    if all(a.probabilities for a in good):
-        keys = set().union(*(a.probabilities for a in good))
-        probabilities = {k: float(np.mean([a.probabilities.get(k, 0.0) for a in good])) for k in keys}
-    confidences = [a.confidence for a in good if a.confidence is not None]
+    if all(a.probabilities for a in answers):
+        keys = set().union(*(a.probabilities for a in answers))
+        probabilities = {k: float(np.mean([a.probabilities.get(k, 0.0) for a in answers])) for k in keys}
+    confidences = [a.confidence for a in answers if a.confidence is not None]
     confidence = float(np.mean(confidences)) if confidences else None
     if probabilities:  # the averaged distribution's most likely answer, as a single answer's
         confidence = max(probabilities.values())
     return Answer(
-        modality=good[0].modality,
-        value=float(np.mean([a.value for a in good])),
+        modality=answers[0].modality,
+        value=float(np.mean([a.value for a in answers])),
         parsed=True,
         confidence=confidence,
         probabilities=probabilities,
         raw_text=" | ".join(a.raw_text for a in answers if a.raw_text),
         latency_s=sum(a.latency_s for a in answers),
-        error=errors or None,
     )
 
 

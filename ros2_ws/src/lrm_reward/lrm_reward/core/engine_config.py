@@ -45,7 +45,9 @@ class EngineConfig:
     """How to load and query the reward model. Validated on construction (ValueError on bad values)."""
 
     base_model: str  # local folder or Hub id of a Qwen3-VL checkpoint
-    adapters: dict[str, str] | None = None  # modality name -> adapter folder / Hub id; None = base or merged
+    # modality name -> adapter folder / Hub id; None = base or merged. "completion#2": a further completion
+    # adapter on the same base, its answers averaged with the first's (ensemble_names)
+    adapters: dict[str, str] | None = None
     readout: Readout = Readout.LOGITS
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 elsewhere) | "float32" | "bfloat16" | "float16"
@@ -105,7 +107,7 @@ class EngineConfig:
                 raise ValueError("adapters must be a non-empty dict of modality -> folder, or None")
             known = {m.value for m in Modality}
             for name, spec in self.adapters.items():
-                match = _ADAPTER_NAME_RE.match(str(name))
+                match = _ADAPTER_NAME_RE.fullmatch(str(name))
                 if match is None or match.group(1) not in known:
                     raise ValueError(
                         f"adapter name {name!r} is not a modality ({sorted(known)}), or one followed by "
@@ -168,7 +170,7 @@ class EngineConfig:
             or not (1 <= self.server_concurrency <= 256)
         ):
             raise ValueError(f"server_concurrency must be an int in 1..256, got {self.server_concurrency!r}")
-        if self.backend == "vllm" and self.averaged:
+        if self.backend != "local" and self.averaged:
             raise ValueError(
                 "averaging several adapters per modality (names like 'completion#2') runs in-process only: "
                 "use backend 'local'"

@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             skip_partial=args.skip_partial,
         )
         adapter_sets = [a for a in (parse_adapters(spec) for spec in args.adapters or []) if a]
-        if len(adapter_sets) > 1 and args.via_node:
-            raise ValueError(
-                "several --adapters are averaged by a model loaded here (--model), not --via-node"
-            )
+        if len(adapter_sets) > 1:
+            if args.via_node or args.backend != "local":
+                raise ValueError("several --adapters are averaged by a model loaded here (--model) only")
+            for k, later in enumerate(adapter_sets[1:], start=2):
+                if set(later) != set(adapter_sets[0]):
+                    raise ValueError(
+                        f"--adapters set {k} has {sorted(later)}, set 1 has {sorted(adapter_sets[0])}: "
+                        "give every averaged set the same modalities"
+                    )
         adapters = ensemble_names(adapter_sets) if adapter_sets else None
         episodes = [int(x) for x in args.episodes.split(",")] if args.episodes else None
     except ValueError as exc:
