@@ -36,7 +36,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--reward-cache",
         type=Path,
         required=True,
-        help="a .cache/demo_reward/<key> folder (data/, made.json)",
+        help="a .cache/demo_reward/<key> folder (its data/ and reward_train.yaml)",
     )
     p.add_argument("--out", type=Path, required=True, help="folder for base/ and adapters/")
     p.add_argument("--steps", type=int, default=1500, help="vision pretraining steps (batch 32)")
