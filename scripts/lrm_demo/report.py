@@ -185,11 +185,19 @@ def _model_text(done: dict) -> str:
     if not reward["trained"]:
         return f"LRM weights from {reward['base']} + {reward['adapters']}"
     on = reward.get("trained_on", {})
+    vision = reward.get("base_vision")
+    eyes = (
+        " The completion adapter sits on a copy of the base whose vision tower first learnt to locate cube "
+        f"and target from the simulator's state on {vision['frames']} of their frames ({vision['steps']} "
+        "steps): the stand-in for a real Qwen3-VL's pretraining."
+        if vision
+        else ""
+    )
     return (
         "tiny Qwen3-VL (trained on this machine's CPU) with LRM-style adapters, trained on "
         f"{len(on.get('reward_episodes', []))} labelled simulator episodes ({on.get('reward_successes', 0)} "
         f"successes; {on.get('layouts', '')}). The labels are "
-        "the simulator's ground truth; in a lab, operator-labelled recordings play this part."
+        "the simulator's ground truth; in a lab, operator-labelled recordings play this part." + eyes
     )
 
 

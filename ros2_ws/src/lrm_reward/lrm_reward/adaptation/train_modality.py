@@ -261,6 +261,15 @@ def _train_modality(
     )
 
 
+def merged_image_tokens(visual, pixel_values, grid_thw):
+    """The vision tower's merged image tokens, (n_tokens, hidden) for all images of the batch in turn.
+
+    transformers 5 returns an output object (pooler_output: the merged tokens); 4.x a tuple, tokens first.
+    """
+    out = visual(pixel_values, grid_thw=grid_thw)
+    return out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+
+
 def _warm_up_vision(model, cfg: TrainConfig, samples: list[S.Sample], episode_set, processor) -> None:
     """Train the (trainable copy of the) vision tower alone to tell "yes" frames from "no" frames.
 
@@ -285,8 +294,7 @@ def _warm_up_vision(model, cfg: TrainConfig, samples: list[S.Sample], episode_se
         frames = [episode_set.store.frame(episodes[s.episode], s.frames[-1]) for s in batch]
         pixels = processor.image_processor(images=frames, return_tensors="pt")
         grid = pixels["image_grid_thw"]
-        out = visual(pixels["pixel_values"], grid_thw=grid)
-        tokens = out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+        tokens = merged_image_tokens(visual, pixels["pixel_values"], grid)
         counts = (grid.prod(-1) // (merge * merge)).tolist()
         pooled = torch.stack([t.mean(0) for t in tokens.split(counts)])
         target = torch.tensor([float(s.label == "yes") for s in batch])

@@ -36,6 +36,7 @@ CONTROL_DT_S = 0.1
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 JOINT_NAMES = (*ARM_JOINTS, "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grasp")
+SUCCESS_RADIUS_M = 0.03  # the environment's success check: cube within 3 cm of the goal's centre
 # What a perception system would report (e.g. AprilTags seen by a wrist camera): where the cube is from
 # the grasp point and where the goal is from the cube [m]. A policy may read it as
 # observation.environment_state; the camera still shows everything. Relative rather than absolute
@@ -96,7 +97,7 @@ class SceneConfig:
     random_layout: bool = True  # cube and goal positions drawn from the seed; False: the fixed layout
     gl_backend: str | None = None  # None: $MUJOCO_GL, else egl
     marker_rgba: tuple[float, float, float, float] = (0.1, 0.85, 0.2, 1.0)
-    marker_radius_m: float = 0.03  # the success radius of the task is 3 cm
+    marker_radius_m: float = SUCCESS_RADIUS_M  # the drawn disc shows where the cube counts as placed
     fast_render: bool = True  # shadows and multisampling off
     camera: str = "workspace"  # a CAMERA_VIEWS name: what the camera topic shows
     # At the episode's end the arm lifts and backs off this many control steps (gripper as last commanded)
