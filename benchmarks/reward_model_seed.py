@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from lrm_demo.reward_model import tiny_base_model, train_reward_model
 
     args = build_arg_parser().parse_args(argv)
-    parts = sorted((args.reward_cache / "data").glob("part*/reward_episodes"))
+    args.out = args.out.resolve()  # the recipe files written there name absolute paths
+    parts = sorted(p.resolve() for p in (args.reward_cache / "data").glob("part*/reward_episodes"))
     if not parts:
         raise SystemExit(f"{args.reward_cache}/data: no labelled episodes (part*/reward_episodes)")
     if args.out.exists() and any(args.out.iterdir()):
