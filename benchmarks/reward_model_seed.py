@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "ros2_ws" / "src" / "lrm_reward"))
 sys.path.insert(0, str(REPO / "scripts"))
 
+# base_vision imports nothing of Hugging Face at import time; common switches it offline before main runs
 from lrm_demo.base_vision import VISION_PRETRAIN_STEPS  # noqa: E402
-from lrm_demo.common import REWARD_RECIPE  # noqa: E402 - sets the offline env first
+from lrm_demo.common import REWARD_RECIPE  # noqa: E402
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=VISION_PRETRAIN_STEPS, help="vision pretraining steps (batch 32)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the vision pretraining and of the recipe")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the vision pretraining and the recipe's top-level seed (LoRA and head initialisation, "
+        "batch order); which frames become samples (the recipe's samples.seed) stays the recipe's",
+    )
     return p
 
 
@@ -56,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = sorted(p.resolve() for p in (args.reward_cache / "data").glob("part*/reward_episodes"))
     if not parts:
         raise SystemExit(f"{args.reward_cache}/data: no labelled episodes (part*/reward_episodes)")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise SystemExit(f"{args.out}: not empty; give a new folder")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"{args.out}: exists and is not an empty folder; give a new folder")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     recipe = yaml.safe_load(REWARD_RECIPE.read_text())
     try:
         vision = train_reward_model(args.out, parts, recipe, tiny_base_model(), args.steps, args.seed)
-    except DemoError as exc:
+    except (DemoError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     made = {"seed": args.seed, "base_vision": vision, "wall_s": time.monotonic() - t0}

@@ -69,7 +69,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--action-sigma", type=float, default=0.05, help="expert action noise")
     p.add_argument("--grasp-offset", type=float, default=0.01, help="[m] expert grasp offset std")
     p.add_argument(
-        "--reward-steps", type=int, default=None, help="reward adapter training steps (default: the recipe's)"
+        "--reward-steps",
+        type=int,
+        default=None,
+        help="reward adapter training steps, and the base's vision pretraining steps (default: the recipe's, "
+        "and 1500 for the pretraining)",
     )
     p.add_argument(
         "--reward-episodes", type=int, default=None, help="labelled sim episodes the reward model learns from"

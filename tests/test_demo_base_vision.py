@@ -107,3 +107,75 @@ def test_pretraining_changes_the_vision_tower_only_and_saves_a_loadable_base(rec
     from lrm_reward.adaptation.base_model import base_fingerprint
 
     assert base_fingerprint(str(out)) == base_fingerprint(str(tiny_lrm.base))
+
+
+def test_the_reward_model_is_the_recipe_on_the_plain_base_with_completion_retrained_on_the_eyes(
+    tmp_path, monkeypatch
+):
+    """train_reward_model's plan, with training, pretraining and frame reading stubbed (they are tested above
+    and in tests/adaptation; the quick demo runs them all for real)."""
+    import copy
+
+    from lrm_demo import reward_model
+
+    runs = []
+
+    def fake_train(work, config_name, recipe, output="adapters"):
+        runs.append((config_name, copy.deepcopy(recipe), output))
+        for modality in recipe["modalities"]:
+            folder = work / output / modality
+            folder.mkdir(parents=True)
+            (folder / "trained_on.txt").write_text(recipe["base_model"])
+        return work / output
+
+    def fake_pretrain(base_in, base_out, images, targets, steps, seed=0):
+        base_out.mkdir(parents=True)
+        return {"frames": len(images), "steps": steps, "seed": seed, "from": str(base_in)}
+
+    monkeypatch.setattr(reward_model, "_train", fake_train)
+    monkeypatch.setattr(reward_model, "pretrain_vision", fake_pretrain)
+    monkeypatch.setattr(reward_model, "read_frames", lambda parts: (["frame"] * 5, np.zeros((5, 8))))
+    recipe = {
+        "modalities": ["completion", "progress", "contrastive"],
+        "init_from": {"progress": "completion", "contrastive": "completion"},
+        "per_modality": {"progress": {"max_steps": 1500}, "completion": {"max_steps": 7}},
+        "seed": 3,
+    }
+    before = copy.deepcopy(recipe)
+    parts = [tmp_path / "part0", tmp_path / "part1"]
+    plain = tmp_path / "tiny_base"
+    vision = reward_model.train_reward_model(tmp_path, parts, recipe, plain, vision_steps=11)
+
+    assert recipe == before  # the caller's recipe is not changed
+    assert vision == {"frames": 5, "steps": 11, "seed": 3, "from": str(plain)}  # the recipe's seed
+    (_, first, out1), (_, second, out2) = runs
+    assert out1 == "adapters" and first["base_model"] == str(plain)
+    assert first["modalities"] == recipe["modalities"] and first["init_from"] == recipe["init_from"]
+    assert out2 != "adapters" and second["base_model"] == str(tmp_path / "base")
+    assert second["modalities"] == ["completion"] and second["init_from"] == {}
+    assert second["per_modality"] == {"completion": {"max_steps": 7}}
+    for run in (first, second):
+        assert run["datasets"] == [str(p) for p in parts] and run["seed"] == 3
+    adapters = tmp_path / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["completion", "contrastive", "progress"]
+    assert (adapters / "completion" / "trained_on.txt").read_text() == str(tmp_path / "base")
+    assert (adapters / "progress" / "trained_on.txt").read_text() == str(plain)
+    assert not (tmp_path / out2).exists()  # the second run's folder is gone once its adapter moved
+
+
+def test_what_training_recorded_names_the_cache_folder_once_renamed(tmp_path):
+    from lrm_demo.reward_model import _repoint
+
+    scratch, final = tmp_path / "key.abc123", tmp_path / "key"
+    (scratch / "adapters" / "completion").mkdir(parents=True)
+    (scratch / "data").mkdir()
+    meta = scratch / "adapters" / "completion" / "lrm_adapter.json"
+    meta.write_text(f'{{"base_model": "{scratch}/base", "other": "/elsewhere"}}')
+    recipe = scratch / "reward_train.yaml"
+    recipe.write_text(f"output_dir: {scratch}/adapters\n")
+    data = scratch / "data" / "sidecar.json"
+    data.write_text(f'{{"root": "{scratch}/data"}}')
+    _repoint(scratch, final)
+    assert meta.read_text() == f'{{"base_model": "{final}/base", "other": "/elsewhere"}}'
+    assert recipe.read_text() == f"output_dir: {final}/adapters\n"
+    assert data.read_text() == f'{{"root": "{scratch}/data"}}'  # the recordings are not rewritten

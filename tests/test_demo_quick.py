@@ -152,11 +152,20 @@ def test_each_round_refined_a_new_policy_version_and_the_next_round_used_it(quic
     assert len(trained_on["reward_episodes"]) == state["settings"]["reward_episodes"]
     rollout_seeds = {e["seed"] for e in done["rollout1"]["episodes"]}
     assert rollout_seeds.isdisjoint(e["seed"] for e in trained_on["reward_episodes"])
-    # its base's vision tower first learnt from those episodes' frames; the judge and the nodes used that base
+    # a copy of its base's vision tower first learnt from those episodes' frames: the run's base (judge and
+    # nodes load it), with the completion adapter trained again on it; progress from the plain base's run
     vision = done["reward"]["base_vision"]
     assert vision["steps"] == state["settings"]["reward_steps"] and vision["frames"] > 0
     assert Path(done["reward"]["base"]) == Path(done["reward"]["cache"]) / "base"
     assert Path(done["reward"]["base"], "config.json").is_file()
+    adapters = Path(done["reward"]["adapters"])
+    completion = json.loads((adapters / "completion" / "lrm_adapter.json").read_text())
+    progress = json.loads((adapters / "progress" / "lrm_adapter.json").read_text())
+    assert completion["config"]["modalities"] == ["completion"]
+    assert progress["config"]["modalities"] == ["completion", "progress", "contrastive"]
+    # what training recorded names the cache, not the scratch folder it was made in
+    assert Path(completion["base_model"]) == Path(done["reward"]["base"])
+    assert Path(progress["base_model"]).is_dir()
     # a state-only policy (joints + object positions), and refinement kept its inputs
     for stage in ("policy", "refine1", "refine2"):
         meta = json.loads(Path(done[stage]["path"], "metadata.json").read_text())

@@ -142,6 +142,7 @@ def cached_reward_model(s: DemoSettings) -> dict:
         scratch = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=REWARD_CACHE))
         try:
             made = _make_reward_model(scratch, s, recipe_text, base)
+            _repoint(scratch, final)
             (scratch / DONE_FILE).write_text(json.dumps(made, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -154,6 +155,16 @@ def cached_reward_model(s: DemoSettings) -> dict:
     made = json.loads((final / DONE_FILE).read_text())
     adapters = str(final / "adapters")
     return {"base": str(final / "base"), "adapters": adapters, "trained": True, "cache": str(final), **made}
+
+
+def _repoint(scratch: Path, final: Path) -> None:
+    """Name the cache folder, not the scratch one, in what training recorded (adapter metadata and configs,
+    the split, the recipes), so tools that read those paths back (lrm-eval-reward --split-from) find them."""
+    files = [*scratch.glob("adapters/**/*.json"), *scratch.glob("*.yaml")]
+    for file in files:
+        text = file.read_text()
+        if str(scratch) in text:
+            file.write_text(text.replace(str(scratch), str(final)))
 
 
 def _make_reward_model(work: Path, s: DemoSettings, recipe_text: str, base: Path) -> dict:

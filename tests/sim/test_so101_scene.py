@@ -169,3 +169,12 @@ def test_bad_settings_are_refused():
         SceneConfig(camera="ceiling")
     with pytest.raises(ValueError, match="action_sigma"):
         ExpertNoise(action_sigma=-1.0)
+
+
+def test_the_success_radius_is_the_environments():
+    """SUCCESS_RADIUS_M (the drawn disc, the demo's vision pretraining) mirrors the environment's check."""
+    from lerobot_env_so101.pick_place_env import PLACE_SUCCESS_DISTANCE
+
+    from lrm_reward.sim.so101_scene import SUCCESS_RADIUS_M
+
+    assert SUCCESS_RADIUS_M == PLACE_SUCCESS_DISTANCE

@@ -36,7 +36,7 @@ CONTROL_DT_S = 0.1
 ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 JOINT_NAMES = (*ARM_JOINTS, "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grasp")
-SUCCESS_RADIUS_M = 0.03  # the environment's success check: cube within 3 cm of the goal's centre
+SUCCESS_RADIUS_M = 0.03  # mirrors the environment's success check: cube within 3 cm of the goal's centre
 # What a perception system would report (e.g. AprilTags seen by a wrist camera): where the cube is from
 # the grasp point and where the goal is from the cube [m]. A policy may read it as
 # observation.environment_state; the camera still shows everything. Relative rather than absolute
