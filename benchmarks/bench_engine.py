@@ -22,6 +22,10 @@ a batch is its own stream):
   so only the new frame + answer prefix are prefilled; answer trie scored in the same pass (eager).
 - prefix-cache+cuda-graphs: the same with the suffix pass at static (padded) shapes, its language-model
   part captured once per shape as a CUDA graph and replayed (EngineConfig.compile="cuda-graphs").
+  Images of one size go through the static vision tower (core/static_vision.py: batched attention,
+  cached position tables, its own CUDA graph up to 8 images).
+- prefix-cache+cuda-graphs+hf-vision: the same pass with transformers' eager vision tower (b <= 8): what
+  the static tower changes, side by side.
 - prefix-cache+compile+cuda-graphs: the same, with each decoder layer compiled by torch.compile (inductor,
   default mode) before the capture: fused kernels, still one graph launch per pass.
 - prefix-cache+reduce-overhead: the decoder layer compiled with torch.compile(mode="reduce-overhead")
@@ -77,6 +81,8 @@ from lrm_reward.core import compiled_suffix
 from lrm_reward.core.engine import LocalRewardEngine
 from lrm_reward.core.types import Modality, Readout
 
+HF_VISION = "prefix-cache+cuda-graphs+hf-vision"  # the CUDA-graph row with transformers' vision tower
+
 
 def run(args) -> None:
     started = time.perf_counter()
@@ -119,6 +125,11 @@ def run(args) -> None:
     fast = {"prefix-cache": engine(**cache_room)}
     for mode in modes:
         fast[f"prefix-cache+{mode}"] = engine(compile=mode, **cache_room)
+    if "cuda-graphs" in modes:
+        # the same CUDA-graphed pass with transformers' eager vision tower: what the static tower changes
+        fast[HF_VISION] = engine(compile="cuda-graphs", **cache_room)
+        if fast[HF_VISION]._fast is not None:
+            fast[HF_VISION]._fast.vision = None
     slow = {
         "plain": engine(fast_path=False),
         "one-pass": engine(prefix_cache=False),
@@ -238,6 +249,8 @@ def run(args) -> None:
         row("prefix-cache", fast["prefix-cache"], batch)
         if "prefix-cache+cuda-graphs" in fast:
             row("prefix-cache+cuda-graphs", fast["prefix-cache+cuda-graphs"], batch)
+        if HF_VISION in fast and batch <= 8:
+            row(HF_VISION, fast[HF_VISION], batch)
     numeric_batch = min(8, max_batch)
     eager_names = [name for name in fast if fast[name].cfg.compile not in compiled_suffix.TORCH_COMPILE_MODES]
     compiled_names = [name for name in fast if name not in eager_names]

@@ -80,6 +80,9 @@ def compile_notes(scorer, before) -> str:
     if decoder is None or not decoder.active:
         reason = decoder.disabled_reason if decoder is not None else "fast path off"
         notes.append(f"STATIC PATH OFF ({reason})"[:160])
+    vision = getattr(fast, "vision", None) if fast is not None else None
+    if vision is not None and not vision.active:
+        notes.append(f"STATIC VISION OFF ({vision.disabled_reason})"[:160])
     if stats.compile_eager_passes > before.compile_eager_passes:
         notes.append(f"{stats.compile_eager_passes - before.compile_eager_passes} eager passes")
     if stats.compile_unexpected_recompiles > before.compile_unexpected_recompiles:

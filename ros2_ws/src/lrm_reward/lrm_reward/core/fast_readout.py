@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lrm_reward.core import compiled_suffix, prompts, readouts
+from lrm_reward.core import compiled_suffix, prompts, readouts, static_vision
 from lrm_reward.core.prefix_cache import PrefixCache, prefix_key
 from lrm_reward.core.types import Answer, Modality, Query
 
@@ -169,6 +169,11 @@ class FastLogitsReadout:
         self.decoder = decoder  # static-shape suffix pass (compiled / CUDA graphs); None = one model call
         self.length_step = length_step
         self._inner = base.model  # Qwen3VLModel: vision tower, embeddings, language model
+        self.vision = None  # the static pass's vision tower (images of one size, capturable)
+        if decoder is not None and hasattr(self._inner, "visual"):
+            self.vision = static_vision.StaticVisionTower(
+                self._inner.visual, capture=decoder.mode in compiled_suffix.CAPTURE_MODES, stats=decoder.stats
+            )
         pad = getattr(processor.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
 
@@ -422,7 +427,7 @@ class FastLogitsReadout:
         positions = self._positions(ids, suffix_mask, entries, grids, trie, batch, padded_width, total)
         mask = self._mask(prefix_lengths, past_width, real_suffix, trie, device)
 
-        embeds, deepstack = self._embeddings(all_ids, inputs)
+        embeds, deepstack = self._embeddings(all_ids, inputs, [grid for row in grids for grid in row])
         text = self.decoder.text
         cos, sin = text.rotary_emb(embeds, positions.to(device))
         past = self._stacked_past(entries, batch, past_width) if past_width > 0 else None
@@ -431,14 +436,18 @@ class FastLogitsReadout:
             logits = self.decoder(adapter, static)[:rows]  # (rows, 1 + N, V)
         return logits[:, 0, :], (logits[:, 1:, :] if n_nodes else None)
 
-    def _embeddings(self, ids, inputs):
-        """Token embeddings with the image features scattered in, and dense DeepStack features (or None)."""
+    def _embeddings(self, ids, inputs, grids: list[tuple[int, int, int]]):
+        """Token embeddings with the image features scattered in, and dense DeepStack features (or None).
+
+        grids: the (t, h, w) of every image in order; images of one size go through the static tower.
+        """
         embeds = self._inner.get_input_embeddings()(ids)
         if "pixel_values" not in inputs:
             return embeds, None
-        image_embeds, features = _image_features(
-            self._inner, inputs["pixel_values"], inputs["image_grid_thw"]
-        )
+        found = self.vision(inputs["pixel_values"], grids) if self.vision is not None else None
+        if found is None:
+            found = _image_features(self._inner, inputs["pixel_values"], inputs["image_grid_thw"])
+        image_embeds, features = found
         image_mask = (ids == self.image_token_id).unsqueeze(-1)
         if int(image_mask.sum()) != image_embeds.shape[0]:
             raise FastPathUnavailable(
