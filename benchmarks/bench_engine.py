@@ -23,9 +23,10 @@ a batch is its own stream):
 - prefix-cache+cuda-graphs: the same with the suffix pass at static (padded) shapes, its language-model
   part captured once per shape as a CUDA graph and replayed (EngineConfig.compile="cuda-graphs").
   Images of one size go through the static vision tower (core/static_vision.py: batched attention,
-  cached position tables, its own CUDA graph up to 8 images).
-- prefix-cache+cuda-graphs+hf-vision: the same pass with transformers' eager vision tower (b <= 8): what
-  the static tower changes, side by side.
+  cached position tables, its own CUDA graph up to 8 images); the suffix's text tensors are reused per
+  (texts, image grids) (core/suffix_tokens.py: the image processor alone runs per call).
+- prefix-cache+cuda-graphs+hf-inputs: the same pass with its inputs made as on 2026-12-04 (the whole
+  processor per call, transformers' eager vision tower; b <= 8): what the two change, side by side.
 - prefix-cache+compile+cuda-graphs: the same, with each decoder layer compiled by torch.compile (inductor,
   default mode) before the capture: fused kernels, still one graph launch per pass.
 - prefix-cache+reduce-overhead: the decoder layer compiled with torch.compile(mode="reduce-overhead")
@@ -81,7 +82,8 @@ from lrm_reward.core import compiled_suffix
 from lrm_reward.core.engine import LocalRewardEngine
 from lrm_reward.core.types import Modality, Readout
 
-HF_VISION = "prefix-cache+cuda-graphs+hf-vision"  # the CUDA-graph row with transformers' vision tower
+# the CUDA-graph row with its inputs made as on 2026-12-04: the whole processor per call, transformers' tower
+HF_INPUTS = "prefix-cache+cuda-graphs+hf-inputs"
 
 
 def run(args) -> None:
@@ -126,10 +128,11 @@ def run(args) -> None:
     for mode in modes:
         fast[f"prefix-cache+{mode}"] = engine(compile=mode, **cache_room)
     if "cuda-graphs" in modes:
-        # the same CUDA-graphed pass with transformers' eager vision tower: what the static tower changes
-        fast[HF_VISION] = engine(compile="cuda-graphs", **cache_room)
-        if fast[HF_VISION]._fast is not None:
-            fast[HF_VISION]._fast.vision = None
+        # the same CUDA-graphed pass, inputs made the 2026-12-04 way: what the static inputs change
+        fast[HF_INPUTS] = engine(compile="cuda-graphs", **cache_room)
+        if fast[HF_INPUTS]._fast is not None:
+            fast[HF_INPUTS]._fast.vision = None
+            fast[HF_INPUTS]._fast.suffix_tokens = None
     slow = {
         "plain": engine(fast_path=False),
         "one-pass": engine(prefix_cache=False),
@@ -249,8 +252,8 @@ def run(args) -> None:
         row("prefix-cache", fast["prefix-cache"], batch)
         if "prefix-cache+cuda-graphs" in fast:
             row("prefix-cache+cuda-graphs", fast["prefix-cache+cuda-graphs"], batch)
-        if HF_VISION in fast and batch <= 8:
-            row(HF_VISION, fast[HF_VISION], batch)
+        if HF_INPUTS in fast and batch <= 8:
+            row(HF_INPUTS, fast[HF_INPUTS], batch)
     numeric_batch = min(8, max_batch)
     eager_names = [name for name in fast if fast[name].cfg.compile not in compiled_suffix.TORCH_COMPILE_MODES]
     compiled_names = [name for name in fast if name not in eager_names]

@@ -118,7 +118,12 @@ def breakdown(name: str, engine, queries: list[Query], cuda: bool, repeats: int)
     """Median ms per score() call at batch 1, split into stages (steady state: prefix cached)."""
     fast = engine._fast
     stages = {key: [] for key in ("total", "processor", "suffix pass", "vision + embeddings", "decoder")}
-    wrapped = {"_encode": "processor", "_suffix_pass": "suffix pass", "_embeddings": "vision + embeddings"}
+    # at steady state (prefix cached) the suffix's inputs are the only processor work of a call
+    wrapped = {
+        "_encode_suffixes": "processor",
+        "_suffix_pass": "suffix pass",
+        "_embeddings": "vision + embeddings",
+    }
     for method, stage in wrapped.items():
         original = getattr(fast, method)
         setattr(fast, method, lambda *args, _fn=original, _t=stages[stage]: _timed_call(_fn, args, _t, cuda))

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lrm_reward.core import compiled_suffix, prompts, readouts, static_vision
+from lrm_reward.core import compiled_suffix, prompts, readouts, static_vision, suffix_tokens
 from lrm_reward.core.prefix_cache import PrefixCache, prefix_key
 from lrm_reward.core.types import Answer, Modality, Query
 
@@ -170,6 +170,9 @@ class FastLogitsReadout:
         self.length_step = length_step
         self._inner = base.model  # Qwen3VLModel: vision tower, embeddings, language model
         self.vision = None  # the static pass's vision tower (images of one size, capturable)
+        self.suffix_tokens = None  # the static pass's processor: text tensors reused per (texts, grids)
+        if decoder is not None:
+            self.suffix_tokens = suffix_tokens.SuffixTokenCache(processor, device)
         if decoder is not None and hasattr(self._inner, "visual"):
             self.vision = static_vision.StaticVisionTower(
                 self._inner.visual, capture=decoder.mode in compiled_suffix.CAPTURE_MODES, stats=decoder.stats
@@ -337,7 +340,10 @@ class FastLogitsReadout:
         """Tokenise each row's suffix (new frame + question + answer prefix): (inputs, grids per row)."""
         texts = [part.suffix_text for part in parts]
         images = [image for part in parts for image in part.suffix_images]
-        inputs = self._encode(texts, images)
+        if self.suffix_tokens is not None:
+            inputs = self.suffix_tokens.encode(texts, images)
+        else:
+            inputs = self._encode(texts, images)
         return inputs, self._grids(inputs, [len(part.suffix_images) for part in parts])
 
     def _positions(self, ids, suffix_mask, entries, grids, trie, batch: int, end: int, total: int):
