@@ -454,11 +454,12 @@ class FastLogitsReadout:
         if found is None:
             found = _image_features(self._inner, inputs["pixel_values"], inputs["image_grid_thw"])
         image_embeds, features = found
+        # the ids' image blocks were checked against these grids (mrope_positions), so counting from the
+        # grids needs no device-to-host sync between the vision tower and the decoder
+        tokens = sum(t * h * w for t, h, w in grids) // (self.merge * self.merge)
+        if tokens != image_embeds.shape[0]:
+            raise FastPathUnavailable(f"{tokens} image tokens for {image_embeds.shape[0]} image features")
         image_mask = (ids == self.image_token_id).unsqueeze(-1)
-        if int(image_mask.sum()) != image_embeds.shape[0]:
-            raise FastPathUnavailable(
-                f"{int(image_mask.sum())} image tokens for {image_embeds.shape[0]} image features"
-            )
         embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
         if not features:
             return embeds, None
