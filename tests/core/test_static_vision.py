@@ -53,7 +53,7 @@ def test_same_features_as_transformers_tower(tiny_lrm, adapter, count):
             found = fast.vision(inputs["pixel_values"], flat)
             assert found is not None and fast.vision.active, fast.vision.disabled_reason
             embeds, features = found
-            padded = {key[1] for key in fast.vision._graphs}
+            padded = {key[2] for key in fast.vision._graphs}
     assert padded == ({compiled_suffix.padded_batch(count)} if count <= 8 else set())
     assert embeds.shape == expected.shape
     assert torch.allclose(embeds, expected, atol=1e-5, rtol=1e-4), (embeds - expected).abs().max()
@@ -71,6 +71,47 @@ def test_progress_uses_its_own_tower_copy(tiny_lrm):
         completion = static_vision.active_tower(visual)
     assert progress is not completion
     assert progress is visual.modules_to_save["progress"] and completion is visual.original_module
+
+
+def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers(tiny_lrm):
+    rng = np.random.default_rng(5)
+    images = [frame(0.3, rng), frame(0.6, rng)]
+    with _engine(tiny_lrm, compile="cuda-graphs") as engine:
+        inputs, grids = _pixels(engine, images)
+        flat = [grid for row in grids for grid in row]
+        vision = engine._fast.vision
+        with torch.inference_mode():
+            for adapter in ("contrastive", "completion"):  # both run the base tower
+                engine._loaded.model.set_adapter(adapter)
+                assert vision(inputs["pixel_values"], flat, adapter) is not None
+        assert sorted(key[0] for key in vision._graphs) == ["completion", "contrastive"]
+        assert len({key[1] for key in vision._graphs}) == 1
+    with _engine(tiny_lrm, compile="cuda-graphs", attn_implementation="eager") as engine:
+        inputs, grids = _pixels(engine, images)
+        flat = [grid for row in grids for grid in row]
+        with torch.inference_mode():
+            assert engine._fast.vision(inputs["pixel_values"], flat, "progress") is None
+        assert engine._fast.vision.active and engine._fast.vision.calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
+def test_captured_tower_replays_new_pixels_for_both_towers(tiny_lrm):
+    rng = np.random.default_rng(6)
+    with _engine(tiny_lrm, compile="cuda-graphs", device="cuda", dtype="float32") as engine:
+        fast = engine._fast
+        for count in (4, 3, 4):  # 3 after 4: the padded slot holds stale pixels
+            for adapter in ("progress", "completion", "progress"):
+                engine._loaded.model.set_adapter(adapter)
+                images = [frame(float(level), rng) for level in rng.random(count)]
+                inputs, grids = _pixels(engine, images)
+                flat = [grid for row in grids for grid in row]
+                with torch.inference_mode():
+                    expected, _ = _image_features(
+                        fast._inner, inputs["pixel_values"], inputs["image_grid_thw"]
+                    )
+                    embeds, _ = fast.vision(inputs["pixel_values"], flat, adapter)
+                assert torch.allclose(embeds, expected, atol=1e-4, rtol=1e-3)
+        assert fast.vision.active and len(fast.vision._graphs) == 2  # (progress, base) x size class 4
 
 
 def test_images_of_several_sizes_are_left_to_transformers(tiny_lrm):

@@ -83,3 +83,18 @@ def test_other_pixels_from_the_image_processor_turn_it_off(processor, caplog):
         _assert_same_inputs(cache.encode([SUFFIX], images), expected)
     assert not cache.active and cache.hits == 0
     assert "suffix tokens are not reused" in caplog.text
+
+
+class _FailingImageProcessor(_OtherImageProcessor):
+    def image_processor(self, **kwargs):
+        raise RuntimeError("no such resize")
+
+
+def test_a_failing_image_processor_turns_it_off_and_the_processor_encodes(processor, caplog):
+    cache = suffix_tokens.SuffixTokenCache(_FailingImageProcessor(processor), "cpu")
+    rng = np.random.default_rng(3)
+    images = [frame(0.4, rng)]
+    _assert_same_inputs(
+        cache.encode([SUFFIX], images), readouts.encode_images(processor, [SUFFIX], images, "cpu")
+    )
+    assert not cache.active and "no such resize" in caplog.text

@@ -433,7 +433,8 @@ class FastLogitsReadout:
         positions = self._positions(ids, suffix_mask, entries, grids, trie, batch, padded_width, total)
         mask = self._mask(prefix_lengths, past_width, real_suffix, trie, device)
 
-        embeds, deepstack = self._embeddings(all_ids, inputs, [grid for row in grids for grid in row])
+        flat_grids = [grid for row in grids for grid in row]
+        embeds, deepstack = self._embeddings(all_ids, inputs, flat_grids, adapter)
         text = self.decoder.text
         cos, sin = text.rotary_emb(embeds, positions.to(device))
         past = self._stacked_past(entries, batch, past_width) if past_width > 0 else None
@@ -442,7 +443,7 @@ class FastLogitsReadout:
             logits = self.decoder(adapter, static)[:rows]  # (rows, 1 + N, V)
         return logits[:, 0, :], (logits[:, 1:, :] if n_nodes else None)
 
-    def _embeddings(self, ids, inputs, grids: list[tuple[int, int, int]]):
+    def _embeddings(self, ids, inputs, grids: list[tuple[int, int, int]], adapter: str | None = None):
         """Token embeddings with the image features scattered in, and dense DeepStack features (or None).
 
         grids: the (t, h, w) of every image in order; images of one size go through the static tower.
@@ -450,7 +451,7 @@ class FastLogitsReadout:
         embeds = self._inner.get_input_embeddings()(ids)
         if "pixel_values" not in inputs:
             return embeds, None
-        found = self.vision(inputs["pixel_values"], grids) if self.vision is not None else None
+        found = self.vision(inputs["pixel_values"], grids, adapter) if self.vision is not None else None
         if found is None:
             found = _image_features(self._inner, inputs["pixel_values"], inputs["image_grid_thw"])
         image_embeds, features = found

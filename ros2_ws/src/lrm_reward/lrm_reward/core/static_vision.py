@@ -14,7 +14,12 @@ grid ``(1, h, w)``:
 - each block's attention is one batched sdpa call over ``(n, heads, h*w, head_dim)`` -- the same
   per-image attention, without the split;
 - everything else is the tower's own modules (patch embedding, norms, qkv/proj, MLPs, mergers), so LoRA or
-  PEFT wrappers on them still apply.
+  PEFT wrappers on them still apply (graphs are kept per adapter for that reason).
+
+With sdpa (transformers' default) the result is the same computation as transformers' tower: the tests
+find it equal on the tiny model in float32 and bfloat16; on a GPU, padding the image count (below) changes
+matrix sizes, so expect bf16 rounding differences, not bit equality. Towers loaded with another attention
+implementation (eager, flash) are left to transformers.
 
 With a capture mode (``"cuda-graphs"``, ``"compile+cuda-graphs"``) on a CUDA device the whole tower is
 captured once per (tower, size class, grid) for n up to ``CAPTURE_MAX_IMAGES`` and replayed, n padded to the
@@ -25,9 +30,9 @@ The tower is the one the active adapter uses: PEFT's ``modules_to_save`` gives t
 copy of the vision tower (``loading.py``), so tables and graphs are keyed by the module itself.
 
 Not handled (returns None, the caller runs transformers' tower): images of different sizes in one batch,
-video grids (t > 1), towers without the Qwen3-VL layout. Failure policy as ``compiled_suffix.py``: a
-failing pass logs a warning, counts it and turns this path off for good; never raises to the caller
-(except CUDA out-of-memory).
+video grids (t > 1), towers without the Qwen3-VL layout or not on sdpa. Failure policy as
+``compiled_suffix.py``: a failing pass logs a warning, counts it and turns this path off for good; never
+raises to the caller (except CUDA out-of-memory).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from lrm_reward.core import compiled_suffix
 log = logging.getLogger(__name__)
 
 CAPTURE_MAX_IMAGES = 8  # beyond this the tower is compute-bound: graphs save little and cost memory
+MAX_GRAPHS = 32  # graphs kept, the oldest dropped; each holds its outputs (~80 MB at 8B with 8 images)
 
 
 def active_tower(visual):
@@ -73,7 +79,7 @@ class StaticVisionTower:
         self.failures = 0
         self.calls = 0
         self._tables: dict[tuple, tuple] = {}  # (tower, grid) -> one image's (pos embeds, cos, sin)
-        self._graphs: dict[tuple, tuple] = {}  # (tower, n, grid) -> graph, input buffer, outputs
+        self._graphs: dict[tuple, tuple] = {}  # (adapter, tower, size class, grid) -> graph, buffer, outputs
         self._pool = None
         try:
             from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
@@ -84,19 +90,25 @@ class StaticVisionTower:
 
     # --- public -----------------------------------------------------------------------------------------
 
-    def __call__(self, pixel_values, grids: list[tuple[int, int, int]]):
-        """(embeds (n * tokens, out_hidden), DeepStack features per layer) or None when not applicable."""
+    def __call__(self, pixel_values, grids: list[tuple[int, int, int]], adapter: str | None = None):
+        """(embeds (n * tokens, out_hidden), DeepStack features per layer) or None when not applicable.
+
+        adapter: the active adapter's name; graphs are kept per adapter too, because an adapter may put
+        LoRA on the tower's own layers (the base tower is shared by the adapters without a copy).
+        """
         grid = uniform_grid(grids)
         if not self.active or grid is None:
             return None
         tower = active_tower(self.visual)
         if not hasattr(tower, "blocks") or not hasattr(tower, "fast_pos_embed_interpolate"):
             return None
+        if getattr(getattr(tower, "config", None), "_attn_implementation", None) != "sdpa":
+            return None  # eager / flash towers keep their own attention kernels (and numerics)
         self.calls += 1
         try:
             n = len(grids)
             if self.capture and n <= CAPTURE_MAX_IMAGES:
-                return self._replay(tower, pixel_values, n, grid)
+                return self._replay(adapter, tower, pixel_values, n, grid)
             return self._forward(tower, pixel_values, n, grid)
         except Exception as exc:  # an optimisation only: transformers' tower still answers
             import torch
@@ -159,16 +171,18 @@ class StaticVisionTower:
 
     # --- CUDA graphs --------------------------------------------------------------------------------------
 
-    def _replay(self, tower, pixel_values, n: int, grid: tuple[int, int, int]):
+    def _replay(self, adapter: str | None, tower, pixel_values, n: int, grid: tuple[int, int, int]):
         """Replay the graph for the next power of two of n images (as the decoder pads its batch): one graph
         per size class; the extra images' rows hold stale pixels and their outputs are dropped (attention
         stays within each image, so they cannot change the others). Without CUDA the same padded pass runs
         uncaptured (the CPU check of the padding)."""
         padded = compiled_suffix.padded_batch(n)
         rows = pixel_values.shape[0]
-        key = (id(tower), padded, grid, tuple(pixel_values.shape[1:]), str(pixel_values.dtype))
+        key = (adapter, id(tower), padded, grid, tuple(pixel_values.shape[1:]), str(pixel_values.dtype))
         found = self._graphs.get(key)
         if found is None:
+            while len(self._graphs) >= MAX_GRAPHS:  # a camera that keeps changing size: drop the oldest
+                self._graphs.pop(next(iter(self._graphs)))
             found = self._capture(key, tower, pixel_values, n, padded, grid)
         graph, buffer, outputs = found
         buffer[:rows].copy_(pixel_values)

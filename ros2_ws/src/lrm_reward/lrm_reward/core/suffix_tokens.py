@@ -9,8 +9,9 @@ the text tensors come from the first call with the same (texts, grids), which ra
 
 Exactness: a miss runs the processor exactly as ``readouts.encode_images`` does and keeps its text tensors;
 its pixels are compared with the image processor's own, and when they differ (a processor whose image
-settings differ between the two calls) the cache turns itself off with a warning and every call runs the
-whole processor.
+settings differ between the two calls) or anything here raises, the cache turns itself off with a warning
+and every call runs the whole processor. Used by both suffix passes of an engine with a static pass (the
+one-call pass is its fallback).
 
 What it is not: no prefix texts (they are encoded once per cached prefix anyway), no images of different
 sizes across calls beyond ``capacity`` keys (least recently used are dropped).
@@ -43,11 +44,24 @@ class SuffixTokenCache:
         self._texts: OrderedDict[tuple, dict] = OrderedDict()
 
     def encode(self, texts: list[str], images: list) -> dict:
-        if not self.active or not images:
-            return readouts.encode_images(self.processor, texts, images, self.device)
+        if self.active and images:
+            try:
+                return self._encode(texts, images)
+            except Exception as exc:  # an optimisation only: the whole processor still encodes
+                self._turn_off(f"{type(exc).__name__}: {exc}")
+        return readouts.encode_images(self.processor, texts, images, self.device)
+
+    def _turn_off(self, reason: str) -> None:
+        self.active = False
+        self._texts.clear()
+        log.warning("suffix tokens are not reused (the whole processor runs per call): %s", reason)
+
+    def _encode(self, texts: list[str], images: list) -> dict:
         pixels = self.processor.image_processor(images=images, return_tensors="pt", device=str(self.device))
+        # the key from the grid where the image processor left it: no wait for the GPU's resize
+        grids = tuple(tuple(grid) for grid in pixels["image_grid_thw"].tolist())
         pixels = {key: pixels[key].to(self.device) for key in PIXEL_KEYS}
-        key = (tuple(texts), tuple(tuple(grid) for grid in pixels["image_grid_thw"].tolist()))
+        key = (tuple(texts), grids)
         text = self._texts.get(key)
         if text is not None:
             self.hits += 1
@@ -56,9 +70,7 @@ class SuffixTokenCache:
         self.misses += 1
         inputs = readouts.encode_images(self.processor, texts, images, self.device)
         if not all(_same(pixels[name], inputs[name]) for name in PIXEL_KEYS):
-            self.active = False
-            self._texts.clear()
-            log.warning("the image processor alone gives other pixels: suffix tokens are not reused")
+            self._turn_off("the image processor alone gives other pixels than the processor")
             return inputs
         self._texts[key] = {name: value for name, value in inputs.items() if name not in PIXEL_KEYS}
         if len(self._texts) > self.capacity:
