@@ -317,22 +317,15 @@ class SuffixDecoder:
             for buffer, value in zip(static, _tensors(inputs), strict=True):
                 if buffer is not None:
                     buffer.copy_(value)
-        # warm up on a side stream (compiles; lazy inits, cuBLAS workspaces) before recording, as torch
-        # documents; a compiled step compiles here, never during the capture. Streams, pool, capture and
-        # synchronize all on the inputs' device (cuda:N), whatever this thread's current device is.
-        device = inputs.embeds.device
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._counted(key, lambda: self._decode(inputs, self._step, static))
-            torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = self._decode(inputs, self._step, static)
-            torch.cuda.synchronize(device)
+        # a compiled step compiles in the warm-up, never during the capture
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph, output = capture_cuda_graph(
+            inputs.embeds.device,
+            self._pool,
+            warm_up=lambda: self._counted(key, lambda: self._decode(inputs, self._step, static)),
+            record=lambda: self._decode(inputs, self._step, static),
+        )
         elapsed = time.perf_counter() - start
         compiled = self.stats.graphs - graphs_before
         self.stats.graphs += 1
@@ -347,6 +340,28 @@ class SuffixDecoder:
         found = (graph, static, output)
         self._graphs[key] = found
         return found
+
+
+def capture_cuda_graph(device, pool, warm_up, record):
+    """(graph, what record() returned): record() captured as a CUDA graph whose memory comes from pool.
+
+    warm_up() runs first on a side stream (compiles, lazy inits, cuBLAS workspaces), as torch documents.
+    Streams, capture and synchronize all on device (cuda:N), whatever this thread's current device is.
+    Shared by the suffix decoder and the static vision tower (static_vision.py).
+    """
+    import torch
+
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            warm_up()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = record()
+        torch.cuda.synchronize(device)
+    return graph, output
 
 
 def _tensors(inputs: SuffixInputs) -> tuple:

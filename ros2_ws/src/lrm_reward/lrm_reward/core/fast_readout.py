@@ -173,10 +173,9 @@ class FastLogitsReadout:
         self.suffix_tokens = None  # the static pass's processor: text tensors reused per (texts, grids)
         if decoder is not None:
             self.suffix_tokens = suffix_tokens.SuffixTokenCache(processor, device)
-        if decoder is not None and hasattr(self._inner, "visual"):
-            self.vision = static_vision.StaticVisionTower(
-                self._inner.visual, capture=decoder.mode in compiled_suffix.CAPTURE_MODES, stats=decoder.stats
-            )
+            if hasattr(self._inner, "visual"):
+                capture = decoder.mode in compiled_suffix.CAPTURE_MODES
+                self.vision = static_vision.StaticVisionTower(self._inner.visual, capture, decoder.stats)
         pad = getattr(processor.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
 

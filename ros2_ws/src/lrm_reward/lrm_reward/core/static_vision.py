@@ -199,32 +199,26 @@ class StaticVisionTower:
         import torch
 
         start = time.perf_counter()
-        device = pixel_values.device
         per_image = pixel_values.shape[0] // n
         buffer = pixel_values[:per_image].repeat(padded, 1)  # real pixels in every slot: no NaN/inf rows
-        n = padded
-        if device.type != "cuda":
+        if pixel_values.device.type != "cuda":
             found = (None, buffer, None)
             self._graphs[key] = found
             return found
-        self._tables_for(tower, grid, device)  # tables built outside the capture (they read the host)
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up (lazy inits, cuBLAS workspaces), as torch documents
-                self._forward(tower, buffer, n, grid)
-            torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(tower, buffer, n, grid)
-            torch.cuda.synchronize(device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+
+        def run():  # the warm-up also builds the grid's tables, outside the capture (they read the host)
+            return self._forward(tower, buffer, padded, grid)
+
+        graph, outputs = compiled_suffix.capture_cuda_graph(pixel_values.device, self._pool, run, run)
         elapsed = time.perf_counter() - start
         if self.stats is not None:
             self.stats.graphs += 1
             self.stats.compile_s += elapsed
-        log.info("vision tower: captured a CUDA graph for %d image(s) of grid %s in %.2f s", n, grid, elapsed)
+        log.info(
+            "vision tower: captured a CUDA graph for %d image(s) of grid %s in %.2f s", padded, grid, elapsed
+        )
         found = (graph, buffer, outputs)
         self._graphs[key] = found
         return found
