@@ -16,9 +16,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tiny_engines import tiny_engine
 
 from lrm_reward.core import compiled_suffix, tiny_model
-from lrm_reward.core.engine import EngineConfig, make_engine
+from lrm_reward.core.engine import EngineConfig
 from lrm_reward.core.types import Modality, Query
 
 P, C, K = Modality.PROGRESS, Modality.CONTRASTIVE, Modality.COMPLETION
@@ -28,12 +29,6 @@ frame = tiny_model.synthetic_frame
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _engine(tiny, **kwargs):
-    adapters = {name: str(path) for name, path in tiny.adapters.items()}
-    kwargs.setdefault("compile_warmup_batches", ())
-    return make_engine(EngineConfig(str(tiny.base), adapters, **kwargs))
 
 
 def _argmax(answer):
@@ -94,11 +89,11 @@ def test_config_validates_compile_settings(changes, message):
 )
 def test_static_path_matches_the_one_call_fast_path(tiny_lrm, dtype, tolerance, prefix_cache):
     queries = _mixed_queries(np.random.default_rng(0))
-    with _engine(tiny_lrm, dtype=dtype, max_batch_size=3, prefix_cache=prefix_cache) as eager:
+    with tiny_engine(tiny_lrm, dtype=dtype, max_batch_size=3, prefix_cache=prefix_cache) as eager:
         reference = eager.score(queries)
     # cuda-graphs without CUDA: padded static shapes, decoder loop run eagerly; batches of 3 pad to 4
     changes = dict(dtype=dtype, max_batch_size=3, prefix_cache=prefix_cache, compile="cuda-graphs")
-    with _engine(tiny_lrm, **changes) as static:
+    with tiny_engine(tiny_lrm, **changes) as static:
         first = static.score(queries)
         again = static.score(queries)  # prefix hits
         stats = static.stats
@@ -134,7 +129,7 @@ def test_compiled_pass_matches_eager_and_does_not_recompile_within_a_bucket(
         Query(P, LONG_TASK, [frame(0.1, rng), frame(0.7, rng, (64, 128))]),
         Query(K, LONG_TASK, [frame(0.7, rng, (64, 128))]),
     ]
-    with _engine(tiny_lrm) as eager:
+    with tiny_engine(tiny_lrm) as eager:
         reference = [eager.score([q])[0] for q in first_round + second_round]
 
     seen = []  # (unpadded, padded) lengths the static path asked for
@@ -145,7 +140,7 @@ def test_compiled_pass_matches_eager_and_does_not_recompile_within_a_bucket(
         return seen[-1][1]
 
     monkeypatch.setattr(compiled_suffix, "padded_length", spy)
-    with _engine(tiny_lrm, compile=mode) as engine:
+    with tiny_engine(tiny_lrm, compile=mode) as engine:
         answers = [engine.score([first_round[0]])[0]]  # progress adapter
         per_adapter = engine.stats.compiled_graphs
         answers.append(engine.score([first_round[1]])[0])  # completion adapter: its own graphs
@@ -179,9 +174,9 @@ def test_a_failing_compile_falls_back_to_the_eager_fast_path(tiny_lrm, monkeypat
 
     monkeypatch.setattr(compiled_suffix, "BACKEND_OVERRIDE", broken_backend)
     queries = _mixed_queries(np.random.default_rng(2))[:4]
-    with _engine(tiny_lrm) as eager:
+    with tiny_engine(tiny_lrm) as eager:
         reference = eager.score(queries)
-    with _engine(tiny_lrm, compile="default") as engine:
+    with tiny_engine(tiny_lrm, compile="default") as engine:
         first = engine.score(queries)
         again = engine.score(queries)
         stats = engine.stats
@@ -194,7 +189,7 @@ def test_a_failing_compile_falls_back_to_the_eager_fast_path(tiny_lrm, monkeypat
 
 
 def test_warm_up_prepares_shapes_and_leaves_no_trace(tiny_lrm):
-    with _engine(
+    with tiny_engine(
         tiny_lrm, compile="cuda-graphs", compile_warmup_batches=(1, 2), compile_warmup_image=(48, 64)
     ) as engine:
         stats = engine.stats
@@ -205,5 +200,7 @@ def test_warm_up_prepares_shapes_and_leaves_no_trace(tiny_lrm):
         assert len(engine.prefix_cache) == 0
         assert engine.warm_up((1,), modalities=(K,)) > 0
         assert engine.stats.compile_eager_passes == 14
-    with _engine(tiny_lrm, compile="cuda-graphs", compile_warmup_batches=(1,), compile_warmup_s=0) as engine:
+    with tiny_engine(
+        tiny_lrm, compile="cuda-graphs", compile_warmup_batches=(1,), compile_warmup_s=0
+    ) as engine:
         assert engine.stats.compile_eager_passes == 0  # no time for any shape: everything on first use

@@ -10,9 +10,9 @@ as 4, 9 images, beyond the capture limit, unpadded.)
 import numpy as np
 import pytest
 import torch
+from tiny_engines import tiny_engine
 
 from lrm_reward.core import compiled_suffix, static_vision, tiny_model
-from lrm_reward.core.engine import EngineConfig, make_engine
 from lrm_reward.core.fast_readout import _image_features
 from lrm_reward.core.types import Modality, Query
 
@@ -20,12 +20,6 @@ P, K = Modality.PROGRESS, Modality.COMPLETION
 frame = tiny_model.synthetic_frame
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _engine(tiny, **kwargs):
-    adapters = {name: str(path) for name, path in tiny.adapters.items()}
-    kwargs.setdefault("compile_warmup_batches", ())
-    return make_engine(EngineConfig(str(tiny.base), adapters, **kwargs))
 
 
 def _pixels(engine, images):
@@ -41,7 +35,7 @@ def _pixels(engine, images):
 def test_same_features_as_transformers_tower(tiny_lrm, adapter, count):
     rng = np.random.default_rng(count)
     images = [frame(level, rng) for level in np.linspace(0.1, 0.9, count)]
-    with _engine(tiny_lrm, compile="cuda-graphs") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
         engine._loaded.model.set_adapter(adapter)
         fast = engine._fast
         inputs, grids = _pixels(engine, images)
@@ -63,7 +57,7 @@ def test_same_features_as_transformers_tower(tiny_lrm, adapter, count):
 
 
 def test_progress_uses_its_own_tower_copy(tiny_lrm):
-    with _engine(tiny_lrm, compile="cuda-graphs") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
         visual = engine._fast._inner.visual
         engine._loaded.model.set_adapter("progress")
         progress = static_vision.active_tower(visual)
@@ -76,7 +70,7 @@ def test_progress_uses_its_own_tower_copy(tiny_lrm):
 def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers(tiny_lrm):
     rng = np.random.default_rng(5)
     images = [frame(0.3, rng), frame(0.6, rng)]
-    with _engine(tiny_lrm, compile="cuda-graphs") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
         inputs, grids = _pixels(engine, images)
         flat = [grid for row in grids for grid in row]
         vision = engine._fast.vision
@@ -86,7 +80,7 @@ def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers
                 assert vision(inputs["pixel_values"], flat, adapter) is not None
         assert sorted(key[0] for key in vision._graphs) == ["completion", "contrastive"]
         assert len({key[1] for key in vision._graphs}) == 1
-    with _engine(tiny_lrm, compile="cuda-graphs", attn_implementation="eager") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs", attn_implementation="eager") as engine:
         inputs, grids = _pixels(engine, images)
         flat = [grid for row in grids for grid in row]
         with torch.inference_mode():
@@ -97,7 +91,7 @@ def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
 def test_captured_tower_replays_new_pixels_for_both_towers(tiny_lrm):
     rng = np.random.default_rng(6)
-    with _engine(tiny_lrm, compile="cuda-graphs", device="cuda", dtype="float32") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs", device="cuda", dtype="float32") as engine:
         fast = engine._fast
         for count in (4, 3, 4):  # 3 after 4: the padded slot holds stale pixels
             for adapter in ("progress", "completion", "progress"):
@@ -116,7 +110,7 @@ def test_captured_tower_replays_new_pixels_for_both_towers(tiny_lrm):
 
 def test_images_of_several_sizes_are_left_to_transformers(tiny_lrm):
     rng = np.random.default_rng(0)
-    with _engine(tiny_lrm, compile="cuda-graphs") as engine:
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
         inputs, grids = _pixels(engine, [frame(0.2, rng, (48, 160)), frame(0.7, rng, (160, 48))])
         flat = [grid for row in grids for grid in row]
         assert flat[0] != flat[1]
@@ -138,9 +132,9 @@ def _stream_queries(rng, rows):
 
 def test_static_pass_answers_as_the_one_call_fast_path_with_static_inputs(tiny_lrm):
     queries = _stream_queries(np.random.default_rng(3), 3)
-    with _engine(tiny_lrm, max_batch_size=3) as eager:
+    with tiny_engine(tiny_lrm, max_batch_size=3) as eager:
         reference = eager.score(queries)
-    with _engine(tiny_lrm, max_batch_size=3, compile="cuda-graphs") as static:
+    with tiny_engine(tiny_lrm, max_batch_size=3, compile="cuda-graphs") as static:
         answers = static.score(queries)
         again = static.score(queries)  # the suffixes' text tensors are reused (core/suffix_tokens.py)
         vision, tokens = static._fast.vision, static._fast.suffix_tokens
@@ -153,14 +147,14 @@ def test_static_pass_answers_as_the_one_call_fast_path_with_static_inputs(tiny_l
 
 def test_a_failing_static_tower_turns_off_and_transformers_answers(tiny_lrm, monkeypatch, caplog):
     queries = _stream_queries(np.random.default_rng(4), 2)
-    with _engine(tiny_lrm, max_batch_size=2) as eager:
+    with tiny_engine(tiny_lrm, max_batch_size=2) as eager:
         reference = eager.score(queries)
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(static_vision.StaticVisionTower, "_forward", broken)
-    with _engine(tiny_lrm, max_batch_size=2, compile="cuda-graphs") as static:
+    with tiny_engine(tiny_lrm, max_batch_size=2, compile="cuda-graphs") as static:
         answers = static.score(queries)
         vision = static._fast.vision
         assert not vision.active and vision.failures == 1 and "boom" in vision.disabled_reason
