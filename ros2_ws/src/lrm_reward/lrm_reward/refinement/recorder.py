@@ -48,6 +48,7 @@ import numpy as np
 
 from lrm_reward.durable_files import try_exclusive_lock
 from lrm_reward.refinement.dataset_journal import DatasetJournal
+from lrm_reward.refinement.episode_layout import dataset_features, episode_sidecar, now_iso
 from lrm_reward.refinement.episode_saver import (
     SaveJob,
     SaverProcess,
@@ -60,13 +61,10 @@ from lrm_reward.refinement.episode_spool import CameraSpool, SpoolStorageError, 
 from lrm_reward.refinement.feature_topics import (  # topic -> feature: one definition, shared with the policy
     ACTION_KEY,
     ENV_STATE_KEY,
-    IMAGE_KEY_PREFIX,
     STATE_KEY,
 )
 from lrm_reward.refinement.recorder_config import (
-    RECORDER_VERSION,
     REWARD_KEYS,
-    SIDECAR_SCHEMA,
     EpisodeOutcome,
     RecorderBusyError,
     RecorderConfig,
@@ -74,7 +72,7 @@ from lrm_reward.refinement.recorder_config import (
     StartResult,
     StopResult,
 )
-from lrm_reward.refinement.resampling import ResamplePlan, plan_resampling, sorted_stamps
+from lrm_reward.refinement.resampling import plan_resampling, sorted_stamps
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +169,7 @@ class EpisodeRecorder:
                 policy_version=policy_version or "",
                 dataset_name=name,
                 episode_index=episode_index,
-                started_at=_now_iso(),
+                started_at=now_iso(),
                 started_monotonic=time.monotonic(),
                 spool_dir=spool_dir,
                 cameras={cam: CameraSpool(cam, spool) for cam in self.cfg.cameras},
@@ -500,8 +498,26 @@ class EpisodeRecorder:
             spool_dir=ep.spool_dir,
             dataset_root=root,
             fps=self.cfg.fps,
-            features=self._features({cam: images[cam].shape[1:] for cam in images}),
-            sidecar=self._sidecar(ep, outcome, notes, plan, required, transport, provenance),
+            features=dataset_features(
+                {cam: images[cam].shape[1:] for cam in images},
+                self.state_names or (),
+                self.action_names or (),
+                self.environment_state_names if self.cfg.environment_state else None,
+                rewards=self.cfg.rewards,
+                use_videos=self.cfg.use_videos,
+            ),
+            sidecar=episode_sidecar(
+                ep,
+                outcome,
+                notes,
+                plan,
+                required,
+                fps=self.cfg.fps,
+                on_gap=self.cfg.on_gap,
+                environment_state=self.cfg.environment_state,
+                transport=transport,
+                provenance=provenance,
+            ),
             task=ep.task,
             cameras={cam: [int(v) for v in images[cam].shape[1:]] for cam in images},
             camera_files={cam: ep.cameras[cam].file_name for cam in images},
@@ -519,84 +535,6 @@ class EpisodeRecorder:
             images=None if spooled and self._saver is not None else images,
         )
 
-    def _features(self, cam_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
-        image_dtype = "video" if self.cfg.use_videos else "image"
-        features: dict[str, dict] = {}
-        for cam, shape in cam_shapes.items():
-            features[IMAGE_KEY_PREFIX + cam] = {
-                "dtype": image_dtype,
-                "shape": tuple(int(s) for s in shape),
-                "names": ["height", "width", "channels"],
-            }
-        features[STATE_KEY] = {
-            "dtype": "float32",
-            "shape": (len(self.state_names),),
-            "names": list(self.state_names),
-        }
-        features[ACTION_KEY] = {
-            "dtype": "float32",
-            "shape": (len(self.action_names),),
-            "names": list(self.action_names),
-        }
-        if self.cfg.environment_state:
-            features[ENV_STATE_KEY] = {
-                "dtype": "float32",
-                "shape": (len(self.environment_state_names),),
-                "names": list(self.environment_state_names),
-            }
-        if self.cfg.rewards:
-            for key in REWARD_KEYS:
-                features[key] = {"dtype": "float32", "shape": (1,), "names": None}
-        return features
-
-    def _sidecar(
-        self,
-        ep: _Episode,
-        outcome: EpisodeOutcome,
-        notes: str,
-        plan: ResamplePlan,
-        required,
-        transport: dict | None = None,
-        provenance: dict | None = None,
-    ) -> dict:
-        all_notes = "\n".join(n for n in (ep.notes, notes) if n)
-        stamps_first = min(float(s[0]) for s in required.values())
-        stamps_last = max(float(s[-1]) for s in required.values())
-        return {
-            "schema": SIDECAR_SCHEMA,
-            "episode_index": ep.episode_index,
-            "dataset": ep.dataset_name,
-            "task": ep.task,
-            "notes": all_notes,
-            "policy_version": ep.policy_version,
-            "outcome": outcome.value,
-            "started_at": ep.started_at,
-            "ended_at": _now_iso(),
-            "stamp_first_s": stamps_first,
-            "stamp_last_s": stamps_last,
-            "dataset_t0_s": plan.t0,
-            "fps": self.cfg.fps,
-            "num_frames": plan.num_frames,
-            "duration_s": plan.num_frames / self.cfg.fps,
-            "partial": bool(plan.gaps),
-            "dropouts": plan.gaps,
-            "truncated_from_frames": plan.truncated_from,
-            "on_gap": self.cfg.on_gap,
-            "received": {
-                **{f"camera:{c}": len(s.stamps) for c, s in ep.cameras.items()},
-                "state": len(ep.state),
-                "action": len(ep.action),
-                "reward": len(ep.reward),
-                **({"environment_state": len(ep.environment_state)} if self.cfg.environment_state else {}),
-            },
-            "dropped": dict(ep.counters),
-            **({"transport": transport} if transport is not None else {}),
-            **({"provenance": provenance} if provenance is not None else {}),
-            "nan_policy": "non-finite joint states/actions are dropped; the previous valid sample is held",
-            "recorder_version": RECORDER_VERSION,
-            "spool_id": ep.spool_dir.name,
-        }
-
     def _hold_dataset_lock(self, name: str) -> None:
         if name in self._lock_files:
             return
@@ -606,7 +544,3 @@ class EpisodeRecorder:
                 f"another recorder is writing dataset {name!r} under {self.cfg.data_root}"
             )
         self._lock_files[name] = handle
-
-
-def _now_iso() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="milliseconds")
