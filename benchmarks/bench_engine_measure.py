@@ -83,6 +83,8 @@ def compile_notes(scorer, before) -> str:
     vision = getattr(fast, "vision", None) if fast is not None else None
     if vision is not None and not vision.active:
         notes.append(f"STATIC VISION OFF ({vision.disabled_reason})"[:160])
+    elif vision is not None and vision.failures:  # out of memory while capturing: the tower ran eagerly
+        notes.append(f"VISION GRAPHS OFF ({vision.failures} capture failures)")
     if stats.compile_eager_passes > before.compile_eager_passes:
         notes.append(f"{stats.compile_eager_passes - before.compile_eager_passes} eager passes")
     if stats.compile_unexpected_recompiles > before.compile_unexpected_recompiles:

@@ -67,7 +67,9 @@ def test_progress_uses_its_own_tower_copy(tiny_lrm):
     assert progress is visual.modules_to_save["progress"] and completion is visual.original_module
 
 
-def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers(tiny_lrm):
+def test_adapters_share_the_base_towers_graphs_unless_they_adapt_it(tiny_lrm):
+    from peft import LoraConfig, inject_adapter_in_model
+
     rng = np.random.default_rng(5)
     images = [frame(0.3, rng), frame(0.6, rng)]
     with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
@@ -75,11 +77,19 @@ def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers
         flat = [grid for row in grids for grid in row]
         vision = engine._fast.vision
         with torch.inference_mode():
-            for adapter in ("contrastive", "completion"):  # both run the base tower
+            for adapter in ("contrastive", "completion", "progress"):
                 engine._loaded.model.set_adapter(adapter)
                 assert vision(inputs["pixel_values"], flat, adapter) is not None
-        assert sorted(key[0] for key in vision._graphs) == ["completion", "contrastive"]
-        assert len({key[1] for key in vision._graphs}) == 1
+        # contrastive and completion run the same base tower (their LoRA is on the language model only):
+        # one graph per tower, whatever the adapter
+        assert [key[0] for key in vision._graphs] == [None, None]
+        assert len({key[1] for key in vision._graphs}) == 2  # the base tower and progress's copy
+    # a tower with adapter layers of its own computes something else per adapter: keyed per adapter
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    adapted = inject_adapter_in_model(
+        LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(4, 4))
+    )
+    assert not vision._has_tuner_layers(plain) and vision._has_tuner_layers(adapted)
     with tiny_engine(tiny_lrm, compile="cuda-graphs", attn_implementation="eager") as engine:
         inputs, grids = _pixels(engine, images)
         flat = [grid for row in grids for grid in row]
@@ -89,7 +99,10 @@ def test_graphs_are_kept_per_adapter_and_other_attention_is_left_to_transformers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
-def test_captured_tower_replays_new_pixels_for_both_towers(tiny_lrm):
+def test_captured_tower_replays_new_pixels_for_both_towers(tiny_lrm, monkeypatch):
+    # float32 without TF32: padded and unpadded convolutions may pick other cuDNN algorithms
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     rng = np.random.default_rng(6)
     with tiny_engine(tiny_lrm, compile="cuda-graphs", device="cuda", dtype="float32") as engine:
         fast = engine._fast
@@ -162,3 +175,122 @@ def test_a_failing_static_tower_turns_off_and_transformers_answers(tiny_lrm, mon
     assert "static vision tower turned off" in caplog.text
     diff = max(abs(a.value - b.value) for a, b in zip(answers, reference, strict=True))
     assert diff <= 1e-4, diff
+
+
+def test_a_failing_tower_lookup_turns_off_the_tower_only(tiny_lrm, monkeypatch):
+    queries = _stream_queries(np.random.default_rng(7), 2)
+
+    def broken(visual):
+        raise AttributeError("modules_to_save changed shape")
+
+    monkeypatch.setattr(static_vision, "active_tower", broken)
+    with tiny_engine(tiny_lrm, max_batch_size=2, compile="cuda-graphs") as static:
+        static.score(queries)
+        vision, decoder = static._fast.vision, static._fast.decoder
+        assert not vision.active and "modules_to_save" in vision.disabled_reason
+        assert decoder.active and static.stats.compile_failures == 0
+
+
+def test_out_of_memory_while_capturing_turns_capture_off_not_the_tower(tiny_lrm, monkeypatch, caplog):
+    rng = np.random.default_rng(8)
+    images = [frame(0.3, rng), frame(0.6, rng)]
+
+    def out_of_memory(*args, **kwargs):
+        raise static_vision._CaptureOutOfMemory("OutOfMemoryError while capturing 2 image(s): test")
+
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
+        inputs, grids = _pixels(engine, images)
+        flat = [grid for row in grids for grid in row]
+        vision = engine._fast.vision
+        monkeypatch.setattr(vision, "_capture", out_of_memory)
+        with torch.inference_mode():
+            expected, _ = _image_features(
+                engine._fast._inner, inputs["pixel_values"], inputs["image_grid_thw"]
+            )
+            assert vision(inputs["pixel_values"], flat) is None  # transformers' tower answers this call
+            assert vision.active and not vision.capture and vision.failures == 1
+            embeds, _ = vision(inputs["pixel_values"], flat)  # then the tower runs eagerly, batched
+    assert "vision tower graphs off" in caplog.text and not vision._graphs
+    assert torch.allclose(embeds, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_graphs_are_dropped_least_recently_used_first(tiny_lrm, monkeypatch):
+    monkeypatch.setattr(static_vision, "MAX_GRAPHS", 2)
+    rng = np.random.default_rng(9)
+    with tiny_engine(tiny_lrm, compile="cuda-graphs") as engine:
+        vision = engine._fast.vision
+        batches = {count: _pixels(engine, [frame(0.5, rng)] * count) for count in (1, 2, 3)}
+
+        def run(count):
+            inputs, grids = batches[count]
+            with torch.inference_mode():
+                assert vision(inputs["pixel_values"], [grid for row in grids for grid in row]) is not None
+
+        for count in (1, 2, 1, 3):  # size classes 1, 2, 1 (a hit), 4: class 2 is the least recently used
+            run(count)
+        assert [key[2] for key in vision._graphs] == [1, 4]
+
+
+def test_the_tower_lets_go_of_its_graphs_when_the_static_pass_is_off(tiny_lrm):
+    queries = _stream_queries(np.random.default_rng(10), 2)
+    with tiny_engine(tiny_lrm, max_batch_size=2, compile="cuda-graphs") as static:
+        static.score(queries)
+        vision = static._fast.vision
+        assert vision._graphs and vision._tables
+        static._fast.decoder.give_up("test")
+        static.score(queries)
+        assert (
+            not vision.active
+            and vision.failures == 0
+            and "static suffix pass is off" in vision.disabled_reason
+        )
+        assert not vision._graphs and not vision._tables
+
+
+class _FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
+    """torch.cuda.graph leaves the capture stream current when ending the capture raises; the shared
+    capture routine puts the caller's back (torch.cuda faked: the order of calls is what is checked)."""
+    import contextlib
+
+    caller = _FakeStream("caller")
+    state = {"current": caller, "captured_on": None}
+
+    @contextlib.contextmanager
+    def use_stream(stream):
+        previous, state["current"] = state["current"], stream
+        yield
+        state["current"] = previous
+
+    class failing_graph:  # stands in for torch.cuda.graph (a class used as a context manager)
+        def __init__(self, graph, pool=None, stream=None):
+            self.stream = stream
+
+        def __enter__(self):
+            state["current"] = state["captured_on"] = self.stream
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")  # no stream restored
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["current"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: state.update(current=stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    warmed = []
+    with pytest.raises(RuntimeError, match="capturing"):
+        compiled_suffix.capture_cuda_graph(
+            "cuda:0", None, warm_up=lambda: warmed.append(state["current"].name), record=lambda: None
+        )
+    assert warmed == ["side"] and state["captured_on"].name == "side"
+    assert state["current"] is caller

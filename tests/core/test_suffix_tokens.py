@@ -98,3 +98,16 @@ def test_a_failing_image_processor_turns_it_off_and_the_processor_encodes(proces
         cache.encode([SUFFIX], images), readouts.encode_images(processor, [SUFFIX], images, "cpu")
     )
     assert not cache.active and "no such resize" in caplog.text
+
+
+class _OutOfMemoryImageProcessor(_OtherImageProcessor):
+    def image_processor(self, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+
+def test_out_of_memory_reaches_the_engine_and_leaves_the_cache_on(processor):
+    # the engine answers out-of-memory by splitting the batch; the cache is not what failed
+    cache = suffix_tokens.SuffixTokenCache(_OutOfMemoryImageProcessor(processor), "cpu")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cache.encode([SUFFIX], [frame(0.4, np.random.default_rng(4))])
+    assert cache.active

@@ -352,14 +352,21 @@ def capture_cuda_graph(device, pool, warm_up, record):
     import torch
 
     with torch.cuda.device(device):
+        caller = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             warm_up()
-        torch.cuda.current_stream(device).wait_stream(side)
+        caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            output = record()
+        try:
+            # the capture stream named: torch's class-level default stream belongs to the first device used
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                output = record()
+        finally:
+            # torch.cuda.graph does not restore the stream when ending the capture raises (a sync or other
+            # forbidden call in record()): everything after would run on the capture stream
+            torch.cuda.set_stream(caller)
         torch.cuda.synchronize(device)
     return graph, output
 

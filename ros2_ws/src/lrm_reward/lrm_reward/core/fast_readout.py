@@ -298,6 +298,10 @@ class FastLogitsReadout:
                 raise
             except Exception as exc:  # the split path is an optimisation: the one-call pass still answers
                 self.decoder.give_up(f"static suffix pass failed: {type(exc).__name__}: {exc}")
+        static_off = self.decoder is not None and not self.decoder.active
+        if static_off and self.vision is not None and self.vision.active:
+            # only the static pass runs the static tower: its graphs would hold memory for nothing
+            self.vision.release(f"the static suffix pass is off ({self.decoder.disabled_reason})")
 
         inputs, grids = self._encode_suffixes(parts)
         ids, suffix_mask = inputs["input_ids"], inputs["attention_mask"]

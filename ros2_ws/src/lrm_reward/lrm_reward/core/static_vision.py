@@ -24,7 +24,10 @@ implementation (eager, flash) are left to transformers.
 With a capture mode (``"cuda-graphs"``, ``"compile+cuda-graphs"``) on a CUDA device the whole tower is
 captured once per (tower, size class, grid) for n up to ``CAPTURE_MAX_IMAGES`` and replayed, n padded to the
 next power of two as the decoder pads its batch; larger batches are compute-bound and run it eagerly (still
-batched). Other modes, and a CPU, run it eagerly.
+batched). Other modes, and a CPU, run it eagerly. Memory at 8B with 640x480 frames: each graph keeps its
+outputs (~10 MB per image: merger + 3 DeepStack features in bf16) and its pixel buffer (~3.7 MB per image in
+bf16); sizes 1+2+4+8 are ~200 MB per tower copy (the progress copy and the base tower: two), plus the
+intermediates of the graphs' shared pool (a few hundred MB at 8 images).
 
 The tower is the one the active adapter uses: PEFT's ``modules_to_save`` gives the progress adapter its own
 copy of the vision tower (``loading.py``), so tables and graphs are keyed by the module itself.
@@ -32,13 +35,16 @@ copy of the vision tower (``loading.py``), so tables and graphs are keyed by the
 Not handled (returns None, the caller runs transformers' tower): images of different sizes in one batch,
 video grids (t > 1), towers without the Qwen3-VL layout or not on sdpa. Failure policy as
 ``compiled_suffix.py``: a failing pass logs a warning, counts it and turns this path off for good; never
-raises to the caller (except CUDA out-of-memory).
+raises to the caller, except CUDA out-of-memory in an eager pass or a replay (the engine then splits the
+batch). Out of memory while capturing turns capture off instead: transformers' tower, which holds no
+graphs, may still fit.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 from lrm_reward.core import compiled_suffix
@@ -46,7 +52,7 @@ from lrm_reward.core import compiled_suffix
 log = logging.getLogger(__name__)
 
 CAPTURE_MAX_IMAGES = 8  # beyond this the tower is compute-bound: graphs save little and cost memory
-MAX_GRAPHS = 32  # graphs kept, the oldest dropped; each holds its outputs (~80 MB at 8B with 8 images)
+MAX_GRAPHS = 32  # graphs kept, the least recently used dropped (~110 MB each at 8B with 8 images)
 
 
 def active_tower(visual):
@@ -78,8 +84,11 @@ class StaticVisionTower:
         self.disabled_reason: str | None = None
         self.failures = 0
         self.calls = 0
-        self._tables: dict[tuple, tuple] = {}  # (tower, grid) -> one image's (pos embeds, cos, sin)
-        self._graphs: dict[tuple, tuple] = {}  # (adapter, tower, size class, grid) -> graph, buffer, outputs
+        # keyed by the tower module itself, not id(): a graph bakes in its weights' addresses, and a freed
+        # tower's id may come back for a new one
+        self._tables: dict[tuple, tuple] = {}  # (tower, grid, device) -> one image's (pos embeds, cos, sin)
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()  # (adapter, tower, size, grid, ...) -> graph
+        self._tuned: dict[Any, bool] = {}  # tower -> has adapter (LoRA) layers of its own
         self._pool = None
         try:
             from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
@@ -99,17 +108,20 @@ class StaticVisionTower:
         grid = uniform_grid(grids)
         if not self.active or grid is None:
             return None
-        tower = active_tower(self.visual)
-        if not hasattr(tower, "blocks") or not hasattr(tower, "fast_pos_embed_interpolate"):
-            return None
-        if getattr(getattr(tower, "config", None), "_attn_implementation", None) != "sdpa":
-            return None  # eager / flash towers keep their own attention kernels (and numerics)
-        self.calls += 1
         try:
+            tower = active_tower(self.visual)
+            if not hasattr(tower, "blocks") or not hasattr(tower, "fast_pos_embed_interpolate"):
+                return None
+            if getattr(getattr(tower, "config", None), "_attn_implementation", None) != "sdpa":
+                return None  # eager / flash towers keep their own attention kernels (and numerics)
+            self.calls += 1
             n = len(grids)
             if self.capture and n <= CAPTURE_MAX_IMAGES:
                 return self._replay(adapter, tower, pixel_values, n, grid)
             return self._forward(tower, pixel_values, n, grid)
+        except _CaptureOutOfMemory as exc:
+            self._capture_off(exc.reason)
+            return None
         except Exception as exc:  # an optimisation only: transformers' tower still answers
             import torch
 
@@ -119,12 +131,30 @@ class StaticVisionTower:
             return None
 
     def give_up(self, reason: str) -> None:
+        """Turn the static tower off for good (a failure: logged, counted) and free its graphs."""
         self.failures += 1
         if self.active:
             log.warning("static vision tower turned off (transformers' tower runs instead): %s", reason)
+        self.release(reason)
+
+    def release(self, reason: str) -> None:
+        """Off for good, graphs and tables freed, not counted as a failure (the static pass itself is off)."""
         self.active = False
         self.disabled_reason = reason
         self._graphs.clear()
+        self._tables.clear()
+        self._pool = None
+
+    def _capture_off(self, reason: str) -> None:
+        """Out of memory while capturing: drop the graphs, run eagerly from now on (counted, logged)."""
+        import torch
+
+        self.failures += 1
+        self.capture = False
+        self._graphs.clear()
+        self._pool = None
+        torch.cuda.empty_cache()
+        log.warning("vision tower graphs off (the tower runs eagerly; the graphs need memory): %s", reason)
 
     # --- the tower ----------------------------------------------------------------------------------------
 
@@ -132,7 +162,7 @@ class StaticVisionTower:
         """One image's (position embeddings, cos, sin), from the tower's own methods; cached per grid."""
         import torch
 
-        key = (id(tower), grid, str(device))
+        key = (tower, grid, str(device))
         found = self._tables.get(key)
         if found is None:
             grid_thw = torch.tensor([grid], dtype=torch.long, device=device)
@@ -178,12 +208,17 @@ class StaticVisionTower:
         uncaptured (the CPU check of the padding)."""
         padded = compiled_suffix.padded_batch(n)
         rows = pixel_values.shape[0]
-        key = (adapter, id(tower), padded, grid, tuple(pixel_values.shape[1:]), str(pixel_values.dtype))
+        # the adapters without a tower copy of their own share the base tower's graphs, unless an adapter
+        # put LoRA on the tower's layers (then each adapter computes something else)
+        per_adapter = adapter if self._has_tuner_layers(tower) else None
+        key = (per_adapter, tower, padded, grid, tuple(pixel_values.shape[1:]), str(pixel_values.dtype))
         found = self._graphs.get(key)
         if found is None:
-            while len(self._graphs) >= MAX_GRAPHS:  # a camera that keeps changing size: drop the oldest
-                self._graphs.pop(next(iter(self._graphs)))
+            while len(self._graphs) >= MAX_GRAPHS:  # a camera that keeps changing size: drop the least used
+                self._graphs.popitem(last=False)
             found = self._capture(key, tower, pixel_values, n, padded, grid)
+        else:
+            self._graphs.move_to_end(key)
         graph, buffer, outputs = found
         buffer[:rows].copy_(pixel_values)
         if graph is None:
@@ -195,12 +230,28 @@ class StaticVisionTower:
         kept = embeds.shape[0] // padded * n
         return embeds[:kept].clone(), [feature[:kept].clone() for feature in features]
 
+    def _has_tuner_layers(self, tower) -> bool:
+        found = self._tuned.get(tower)
+        if found is None:
+            try:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+            except ImportError:  # no peft: no adapter layers either
+                found = False
+            else:
+                found = any(isinstance(module, BaseTunerLayer) for module in tower.modules())
+            self._tuned[tower] = found
+        return found
+
     def _capture(self, key: tuple, tower, pixel_values, n: int, padded: int, grid: tuple[int, int, int]):
         import torch
 
         start = time.perf_counter()
         per_image = pixel_values.shape[0] // n
-        buffer = pixel_values[:per_image].repeat(padded, 1)  # real pixels in every slot: no NaN/inf rows
+        # in the patch embedding's dtype (bf16 on a GPU): it casts to it first thing, and copy_ rounds as
+        # .to() does, so half the buffer gives the same result
+        weight = getattr(getattr(tower.patch_embed, "proj", None), "weight", None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else pixel_values.dtype
+        buffer = pixel_values[:per_image].to(dtype).repeat(padded, 1)  # real pixels in every slot: no NaN
         if pixel_values.device.type != "cuda":
             found = (None, buffer, None)
             self._graphs[key] = found
@@ -211,7 +262,10 @@ class StaticVisionTower:
         def run():  # the warm-up also builds the grid's tables, outside the capture (they read the host)
             return self._forward(tower, buffer, padded, grid)
 
-        graph, outputs = compiled_suffix.capture_cuda_graph(pixel_values.device, self._pool, run, run)
+        try:
+            graph, outputs = compiled_suffix.capture_cuda_graph(pixel_values.device, self._pool, run, run)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _CaptureOutOfMemory(f"OutOfMemoryError while capturing {padded} image(s): {exc}") from exc
         elapsed = time.perf_counter() - start
         if self.stats is not None:
             self.stats.graphs += 1
@@ -222,3 +276,11 @@ class StaticVisionTower:
         found = (graph, buffer, outputs)
         self._graphs[key] = found
         return found
+
+
+class _CaptureOutOfMemory(Exception):
+    """CUDA ran out of memory while capturing (not while running): capture goes off, the engine goes on."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

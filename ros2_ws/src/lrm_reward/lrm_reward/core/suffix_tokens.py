@@ -48,6 +48,10 @@ class SuffixTokenCache:
             try:
                 return self._encode(texts, images)
             except Exception as exc:  # an optimisation only: the whole processor still encodes
+                import torch
+
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise  # the engine splits the batch; the cache is not at fault
                 self._turn_off(f"{type(exc).__name__}: {exc}")
         return readouts.encode_images(self.processor, texts, images, self.device)
 
