@@ -344,6 +344,8 @@ class FastLogitsReadout:
         texts = [part.suffix_text for part in parts]
         images = [image for part in parts for image in part.suffix_images]
         if self.suffix_tokens is not None:
+            # on a hit the text tensors are the cache's own, the same objects every call: read, never
+            # write them in place
             inputs = self.suffix_tokens.encode(texts, images)
         else:
             inputs = self._encode(texts, images)
