@@ -120,7 +120,7 @@ class StaticVisionTower:
                 return self._replay(adapter, tower, pixel_values, n, grid)
             return self._forward(tower, pixel_values, n, grid)
         except _CaptureOutOfMemory as exc:
-            self._capture_off(exc.reason)
+            self._capture_off(str(exc))
             return None
         except Exception as exc:  # an optimisation only: transformers' tower still answers
             import torch
@@ -141,9 +141,12 @@ class StaticVisionTower:
         """Off for good, graphs and tables freed, not counted as a failure (the static pass itself is off)."""
         self.active = False
         self.disabled_reason = reason
-        self._graphs.clear()
+        self._drop_graphs()
         self._tables.clear()
-        self._pool = None
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._pool = None  # the pool's memory goes back once no graph holds it
 
     def _capture_off(self, reason: str) -> None:
         """Out of memory while capturing: drop the graphs, run eagerly from now on (counted, logged)."""
@@ -151,8 +154,7 @@ class StaticVisionTower:
 
         self.failures += 1
         self.capture = False
-        self._graphs.clear()
-        self._pool = None
+        self._drop_graphs()
         torch.cuda.empty_cache()
         log.warning("vision tower graphs off (the tower runs eagerly; the graphs need memory): %s", reason)
 
@@ -280,7 +282,3 @@ class StaticVisionTower:
 
 class _CaptureOutOfMemory(Exception):
     """CUDA ran out of memory while capturing (not while running): capture goes off, the engine goes on."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
